@@ -1,0 +1,5 @@
+"""``python -m xrayfeat`` runs the command-line interface."""
+
+from xrayfeat.cli import main
+
+main()

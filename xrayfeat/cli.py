@@ -1,0 +1,225 @@
+"""The ``xrayfeat`` command line: parse options, call one core function, render with Rich.
+
+Nothing heavy is imported at module level (TensorFlow, OpenCV, h5py), so ``--help``
+answers at once; each command imports the core module it calls.
+Results go to stdout, progress and messages to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from xrayfeat import __version__
+from xrayfeat.errors import EXIT_INTERRUPTED, NotAvailableError, XrayfeatError
+
+app = typer.Typer(
+    name="xrayfeat",
+    help="Prepare chest radiographs, train a MiniVGGNet, evaluate it, predict folders, and "
+    "see what every layer of the network sees.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+out_console = Console()  # results
+err_console = Console(stderr=True)  # progress, messages, errors
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"xrayfeat {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    _state["debug"] = debug
+
+
+def friendly_errors(command: Callable) -> Callable:
+    """Turn the core's exceptions into one line on stderr and a documented exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except XrayfeatError as exc:
+            if _state["debug"]:
+                raise
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]: partial outputs were removed")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except typer.Exit:
+            raise
+        except Exception as exc:  # a bug: say so in one line, traceback only with --debug
+            if _state["debug"]:
+                raise
+            err_console.print(
+                f"[bold red]internal error:[/] {type(exc).__name__}: {exc} "
+                "(run with --debug for the traceback, and please report it)",
+                highlight=False, soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _progress():
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("[cyan]{task.fields[rate]}"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=err_console, transient=False,
+    )
+
+
+class _Bar:
+    """Adapts the core's on_start/on_progress callbacks to a Rich progress bar."""
+
+    def __init__(self, progress, description: str):
+        self.progress, self.description, self.task = progress, description, None
+
+    def start(self, total: int) -> None:
+        self.task = self.progress.add_task(self.description, total=total, rate="")
+
+    def advance(self, n: int = 1) -> None:
+        self.progress.advance(self.task, n)
+        speed = self.progress.tasks[self.task].speed
+        self.progress.update(self.task, rate=f"{speed:.1f} img/s" if speed else "")
+
+
+@app.command()
+@friendly_errors
+def prepare(
+    src: Path = typer.Argument(..., help="Folder: SRC/{train,val,test}/CLASS/* or SRC/CLASS/*."),
+    out: Path = typer.Option(..., "--out", "-o", help="HDF5 file to write."),
+    size: int = typer.Option(224, help="Side of the stored square images, in pixels."),
+    roi: bool = typer.Option(True, "--roi/--no-roi", help="Crop to the thorax before resizing."),
+    val_fraction: float = typer.Option(0.1, help="Validation share cut from train, by patient, "
+                                       "when SRC has no val split of 50+ images."),
+    seed: int = typer.Option(42, help="Seed of the validation split."),
+    labels: str = typer.Option("folders", help="Class names: 'folders' (folder names) or "
+                               "'kermany-subtype' (NORMAL/BACTERIA/VIRUS from file names)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output file."),
+    strict: bool = typer.Option(False, help="Stop at the first unreadable file."),
+    workers: Optional[int] = typer.Option(None, help="Decoding processes (default: all cores)."),
+) -> None:
+    """Index, check, crop and resize a folder of radiographs into an HDF5 dataset.
+
+    [bold]Example:[/] xrayfeat prepare chest_xray/ --out data/kermany.h5
+    """
+    from xrayfeat.dataset import prepare_dataset
+    from xrayfeat.preprocessing import PreprocessSettings
+
+    with _progress() as progress:
+        bar = _Bar(progress, "prepare")
+        result = prepare_dataset(
+            src, out, settings=PreprocessSettings(size=size, roi=roi), val_fraction=val_fraction,
+            seed=seed, label_mode=labels, overwrite=overwrite, strict=strict, workers=workers,
+            on_start=bar.start, on_progress=bar.advance,
+        )
+    render_prepare(result)
+
+
+def render_prepare(result) -> None:
+    """Summary table of a prepare run: images per split and class, then skipped files."""
+    table = Table(title=f"{result.out}  ({result.seconds:.1f} s)")
+    table.add_column("split")
+    for name in result.classes:
+        table.add_column(name, justify="right")
+    table.add_column("total", justify="right")
+    for split, per_class in result.counts.items():
+        note = " (cut from train by patient)" if split == "val" and result.val_cut_from_train else ""
+        table.add_row(split + note, *(str(per_class[c]) for c in result.classes),
+                      str(sum(per_class.values())))
+    out_console.print(table)
+    if result.skipped:
+        skipped = Table(title=f"{len(result.skipped)} skipped file(s)")
+        skipped.add_column("path", overflow="fold")
+        skipped.add_column("reason", overflow="fold")
+        for path, reason in result.skipped:
+            skipped.add_row(path, reason)
+        out_console.print(skipped)
+    if result.ignored:
+        err_console.print(f"{result.ignored} file(s) without an image extension were ignored")
+
+
+def _not_yet(name: str) -> None:
+    raise NotAvailableError(f"'xrayfeat {name}' is not available yet in version {__version__}")
+
+
+@app.command()
+@friendly_errors
+def train(
+    data: Path = typer.Argument(..., help="Dataset from 'prepare' (.h5) or a raw class folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory to write."),
+) -> None:
+    """Train a MiniVGGNet on a prepared dataset or a raw folder.
+
+    [bold]Example:[/] xrayfeat train data/kermany.h5 --out runs/mvgg
+    """
+    _not_yet("train")
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    paths: List[Path] = typer.Argument(..., help="RUN [RUN...] DATA"),
+) -> None:
+    """Evaluate one or more runs on a dataset split or a class folder.
+
+    [bold]Example:[/] xrayfeat evaluate runs/mvgg data/kermany.h5 --split test
+    """
+    _not_yet("evaluate")
+
+
+@app.command()
+@friendly_errors
+def predict(
+    run: Path = typer.Argument(..., help="Run directory from 'train'."),
+    inputs: List[str] = typer.Argument(..., help="Files, folders or glob patterns."),
+) -> None:
+    """Predict every radiograph in files, folders and globs.
+
+    [bold]Example:[/] xrayfeat predict runs/mvgg ~/incoming/ --out preds.csv
+    """
+    _not_yet("predict")
+
+
+@app.command("visualize-layers")
+@friendly_errors
+def visualize_layers(
+    run: Path = typer.Argument(..., help="Run directory from 'train'."),
+    images: Optional[List[Path]] = typer.Argument(None, help="Radiographs to visualise."),
+) -> None:
+    """Export what every layer sees, as PNG grids, overviews and Grad-CAM heatmaps.
+
+    [bold]Example:[/] xrayfeat visualize-layers runs/mvgg img.jpeg --out grids/
+    """
+    _not_yet("visualize-layers")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="xrayfeat")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""Labelled radiograph folders and the prepared HDF5 dataset.
+
+Finding images, reading patient ids from Kermany file names, cutting patient-grouped
+validation splits, and ``prepare``: stream every image through the one preprocessing path
+into a chunked, compressed HDF5 file, decoded on all cores, with memory flat in the number
+of images, written to a temporary file and renamed only when complete.
+
+HDF5 schema (also in the README):
+    images        (N, S, S) uint8   ROI-cropped, resized radiographs
+    labels        (N,) int32        index into the ``classes`` attribute
+    split         (N,) str          "train", "val" or "test"
+    path          (N,) str          source file path
+    patient       (N,) str          patient/study id (file stem when unknown)
+    roi           (N, 4) int32      crop box x0, y0, x1, y1 in source pixels
+    source_shape  (N, 2) int32      height, width of the source file
+    attrs: classes (JSON list), size, roi (bool), roi_settings (JSON), xrayfeat_version,
+           label_mode
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from xrayfeat import __version__
+from xrayfeat.atomic import atomic_output
+from xrayfeat.errors import DatasetError, ImageReadError, UsageError, XrayfeatError
+from xrayfeat.imaging import looks_like_image_path
+from xrayfeat.preprocessing import PreprocessSettings, prepare_file
+
+SPLITS = ("train", "val", "test")
+#: The official Kermany val split has 16 images; below this a validation split is cut from train.
+MIN_VAL_IMAGES = 50
+LABEL_MODES = ("folders", "kermany-subtype")
+
+_PERSON = re.compile(r"person(\d+)_", re.IGNORECASE)
+_STUDY = re.compile(r"(?:^|-)IM-(\d+)-", re.IGNORECASE)
+_SUBTYPE = re.compile(r"_(bacteria|virus)_", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class LabelledFile:
+    """One image found on disk, before decoding."""
+
+    path: Path
+    class_name: str
+    split: str | None  # from the folder layout; None when SRC has no split folders
+    patient: str
+
+
+@dataclass
+class PrepareResult:
+    """What ``prepare`` did: returned to the CLI for its summary."""
+
+    out: Path
+    classes: list[str]
+    counts: dict[str, dict[str, int]]  # split -> class -> images
+    skipped: list[tuple[str, str]]  # (path, reason)
+    ignored: int  # files not looked at (unsupported extension)
+    seconds: float
+    val_cut_from_train: bool
+    settings: dict = field(default_factory=dict)
+
+
+def patient_id(filename: str) -> str:
+    """Patient or study id from a Kermany file name; the file stem when there is none.
+
+    ``person1234_bacteria_3167.jpeg`` -> ``1234``; ``IM-0115-0001.jpeg`` and
+    ``NORMAL2-IM-0115-0001.jpeg`` -> ``0115``.
+    """
+    if m := _PERSON.search(filename):
+        return m.group(1)
+    if m := _STUDY.search(filename):
+        return m.group(1)
+    return Path(filename).stem
+
+
+def iter_image_files(root: Path) -> Iterator[tuple[Path, bool]]:
+    """Yield ``(path, considered)`` for every non-hidden file below ``root``, recursively.
+
+    Symlinked folders are followed once; a symlink loop is skipped, not followed forever.
+    ``considered`` is False for files whose extension is not an image's.
+    """
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in seen:  # a loop (or a second link to the same folder)
+            dirnames[:] = []
+            continue
+        seen.add(key)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            yield path, looks_like_image_path(path)
+
+
+def _class_order(names: Sequence[str]) -> list[str]:
+    """NORMAL first (label 0), then the rest alphabetically: positive classes after it."""
+    return sorted(names, key=lambda n: (n.upper() != "NORMAL", n.upper()))
+
+
+def _subtype(path: Path, class_name: str) -> str:
+    if class_name.upper() == "NORMAL":
+        return "NORMAL"
+    m = _SUBTYPE.search(path.name)
+    if not m:
+        raise DatasetError(
+            f"--labels kermany-subtype: cannot tell bacteria from virus in {path.name!r}"
+        )
+    return m.group(1).upper()
+
+
+def find_labelled_files(
+    src: Path, label_mode: str = "folders"
+) -> tuple[list[LabelledFile], list[str], int]:
+    """Index ``src`` laid out as ``SRC/{train,val,test}/CLASS/*`` or ``SRC/CLASS/*``.
+
+    Returns the files, the class names in label order, and the count of ignored files.
+    Class folder names match case-insensitively across splits.
+    """
+    if label_mode not in LABEL_MODES:
+        raise UsageError(f"unknown --labels {label_mode!r}; use one of {', '.join(LABEL_MODES)}")
+    if not src.exists():
+        raise UsageError(f"{src} does not exist")
+    if not src.is_dir():
+        raise UsageError(f"{src} is not a folder of class folders")
+    children = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    split_dirs = {p.name.lower(): p for p in children if p.name.lower() in SPLITS}
+    roots: list[tuple[str | None, Path]]
+    roots = [(s, p) for s, p in split_dirs.items()] if split_dirs else [(None, src)]
+    display: dict[str, str] = {}  # case-folded class name -> name as first seen
+    files: list[LabelledFile] = []
+    ignored = 0
+    for split, root in roots:
+        for class_dir in sorted(p for p in root.iterdir() if p.is_dir()
+                                and not p.name.startswith(".")):
+            key = class_dir.name.casefold()
+            name = display.setdefault(key, class_dir.name)
+            for path, considered in iter_image_files(class_dir):
+                if not considered:
+                    ignored += 1
+                    continue
+                label = name if label_mode == "folders" else _subtype(path, name)
+                files.append(LabelledFile(path, label, split, patient_id(path.name)))
+    if not files:
+        raise DatasetError(f"no images found in {src} (expected SRC/CLASS/*.jpeg folders)")
+    classes = _class_order(sorted({f.class_name for f in files}))
+    if len(classes) < 2:
+        raise DatasetError(
+            f"only one class ({classes[0]}) in {src}: a classifier needs at least two class folders"
+        )
+    return files, classes, ignored
+
+
+def grouped_split(
+    labels: np.ndarray, groups: Sequence[str], fraction: float, seed: int
+) -> np.ndarray:
+    """Boolean mask of a validation split: about ``fraction`` of the images, stratified by
+    class, with every patient wholly inside or outside it (no leakage)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if not 0 < fraction < 1:
+        raise UsageError(f"--val-fraction must be between 0 and 1, got {fraction}")
+    n_splits = max(2, round(1 / fraction))
+    if len(set(groups)) < n_splits:
+        raise DatasetError(
+            f"too few patients ({len(set(groups))}) to cut a validation split of {fraction:g}"
+        )
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    _, val_index = next(splitter.split(np.zeros(len(labels)), labels, groups))
+    mask = np.zeros(len(labels), bool)
+    mask[val_index] = True
+    return mask
+
+
+def assign_splits(
+    files: Sequence[LabelledFile], classes: Sequence[str], val_fraction: float, seed: int
+) -> tuple[list[str], bool]:
+    """The split of every file, and whether validation was cut from train.
+
+    Official split folders are kept; when there is no val split, or one under
+    ``MIN_VAL_IMAGES`` images, its images join train and val is cut from train by patient.
+    """
+    splits = [f.split or "train" for f in files]
+    n_val = splits.count("val")
+    if n_val >= MIN_VAL_IMAGES:
+        return splits, False
+    splits = ["train" if s == "val" else s for s in splits]
+    train_idx = np.array([i for i, s in enumerate(splits) if s == "train"])
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index[files[i].class_name] for i in train_idx])
+    groups = [files[i].patient for i in train_idx]
+    val_mask = grouped_split(labels, groups, val_fraction, seed)
+    for i in train_idx[val_mask]:
+        splits[i] = "val"
+    return splits, True
+
+
+def _prepare_worker(args: tuple[int, str, PreprocessSettings]):
+    """Runs in a worker process: decode and prepare one file; errors come back as text."""
+    index, path, settings = args
+    try:
+        prepared = prepare_file(path, settings)
+    except XrayfeatError as exc:
+        return index, None, str(exc)
+    except Exception as exc:  # a decoder bug on one hostile file must not stop the run
+        return index, None, f"unreadable: {type(exc).__name__}: {exc}"
+    return index, prepared, None
+
+
+def _init_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one decode per core; OpenCV's own threads would oversubscribe
+
+
+def map_prepare(
+    paths: Sequence[str], settings: PreprocessSettings, workers: int | None = None,
+    chunksize: int = 8,
+) -> Iterator[tuple[int, object, str | None]]:
+    """Prepare files on all cores, yielding ``(index, PreparedImage | None, error)`` in order.
+
+    Results stream: only a few chunks per worker are in flight, so memory does not grow
+    with the number of files. Workers are spawned (not forked) so this is safe to call
+    after TensorFlow has started its threads.
+    """
+    workers = workers or os.cpu_count() or 1
+    tasks = ((i, str(p), settings) for i, p in enumerate(paths))
+    if workers == 1:
+        _init_worker()
+        yield from map(_prepare_worker, tasks)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker) as pool:
+        yield from pool.imap(_prepare_worker, tasks, chunksize=chunksize)
+
+
+def prepare_dataset(
+    src: Path,
+    out: Path,
+    *,
+    settings: PreprocessSettings = PreprocessSettings(),
+    val_fraction: float = 0.1,
+    seed: int = 42,
+    label_mode: str = "folders",
+    overwrite: bool = False,
+    strict: bool = False,
+    workers: int | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> PrepareResult:
+    """Turn a labelled folder into an HDF5 dataset (schema in the module docstring).
+
+    Bad files are skipped and listed, or stop the run with ``strict``. ``out`` appears only
+    when complete; an existing ``out`` is refused unless ``overwrite``, and is replaced only
+    at the very end, so an interrupted run leaves it as it was.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} exists; pass --overwrite to replace it")
+    if out.exists() and out.is_dir():
+        raise UsageError(f"{out} is a folder; give a file name such as data/kermany.h5")
+    if settings.size < 32:
+        raise UsageError(f"--size must be at least 32, got {settings.size}")
+    files, classes, ignored = find_labelled_files(Path(src), label_mode)
+    splits, val_cut = assign_splits(files, classes, val_fraction, seed)
+    label_of = {c: i for i, c in enumerate(classes)}
+    if on_start:
+        on_start(len(files))
+    size = settings.size
+    skipped: list[tuple[str, str]] = []
+    counts: dict[str, Counter] = {}
+    text = h5py.string_dtype()
+    with atomic_output(out) as tmp, h5py.File(tmp, "w") as h5:
+        n_max = len(files)
+
+        def column(name, shape, dtype, **kw):
+            return h5.create_dataset(name, shape=(0, *shape), maxshape=(n_max, *shape),
+                                     dtype=dtype, chunks=(min(n_max, 256), *shape), **kw)
+
+        images = h5.create_dataset(
+            "images", shape=(0, size, size), maxshape=(n_max, size, size), dtype=np.uint8,
+            chunks=(1, size, size), compression="gzip", compression_opts=4, shuffle=False,
+        )
+        labels = column("labels", (), np.int32)
+        split_ds = column("split", (), text)
+        path_ds = column("path", (), text)
+        patient_ds = column("patient", (), text)
+        roi_ds = column("roi", (4,), np.int32)
+        shape_ds = column("source_shape", (2,), np.int32)
+        n = 0
+        for index, prepared, error in map_prepare([f.path for f in files], settings, workers):
+            if on_progress:
+                on_progress(1)
+            f = files[index]
+            if error is not None:
+                if strict:
+                    raise ImageReadError(f"{f.path}: {error} (--strict stops at the first bad file)")
+                skipped.append((str(f.path), error))
+                continue
+            for ds in (images, labels, split_ds, path_ds, patient_ds, roi_ds, shape_ds):
+                ds.resize(n + 1, axis=0)
+            images[n] = prepared.image
+            labels[n] = label_of[f.class_name]
+            split_ds[n] = splits[index]
+            path_ds[n] = str(f.path)
+            patient_ds[n] = f.patient
+            roi_ds[n] = prepared.roi.as_tuple()
+            shape_ds[n] = prepared.source_shape
+            counts.setdefault(splits[index], Counter())[f.class_name] += 1
+            n += 1
+        if n == 0:
+            raise DatasetError(f"none of the {len(files)} files in {src} could be read")
+        h5.attrs["classes"] = json.dumps(classes)
+        h5.attrs["size"] = size
+        h5.attrs["roi"] = settings.roi
+        h5.attrs["roi_settings"] = json.dumps(asdict(settings.roi_settings))
+        h5.attrs["label_mode"] = label_mode
+        h5.attrs["xrayfeat_version"] = __version__
+        h5.attrs["format"] = "xrayfeat-dataset/1"
+    return PrepareResult(
+        out=out,
+        classes=classes,
+        counts={s: {c: counts.get(s, Counter())[c] for c in classes} for s in SPLITS if s in counts},
+        skipped=skipped,
+        ignored=ignored,
+        seconds=time.perf_counter() - started,
+        val_cut_from_train=val_cut,
+        settings={"size": size, "roi": settings.roi, "val_fraction": val_fraction, "seed": seed,
+                  "label_mode": label_mode},
+    )

@@ -1,0 +1,70 @@
+"""The one preprocessing path every command uses: read, crop to the thorax, resize.
+
+``prepare`` stores the result in the dataset; ``predict``, ``evaluate`` on a folder and
+``visualize-layers`` call the same function on raw files, so a radiograph is seen the same
+way everywhere. Scaling to [0, 1] and resizing to the network's input size happen inside the
+model itself (its first layers), so they cannot drift between commands either.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from xrayfeat.imaging import DEFAULT_MAX_PIXELS, read_radiograph
+from xrayfeat.roi import Roi, RoiSettings, find_roi
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """How a radiograph becomes a stored image; saved with the dataset and the run."""
+
+    size: int = 224  # stored side in pixels; the model resizes further to its input size
+    roi: bool = True  # crop to the thorax before resizing
+    roi_settings: RoiSettings = RoiSettings()
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """A radiograph ready for the model, with where it came from."""
+
+    image: np.ndarray  # (size, size) uint8
+    roi: Roi  # crop box in source pixel coordinates
+    source_shape: tuple[int, int]  # (height, width) of the original file
+
+
+def prepare_array(
+    gray: np.ndarray, settings: PreprocessSettings, source_shape: tuple[int, int] | None = None
+) -> PreparedImage:
+    """Crop (optionally) and resize an already decoded 2-D uint8 image.
+
+    ``source_shape`` is the original file's size when ``gray`` was decoded at reduced
+    resolution; the ROI box is reported in those original coordinates.
+    """
+    h, w = gray.shape
+    source_shape = source_shape or (h, w)
+    roi = find_roi(gray, settings.roi_settings) if settings.roi else Roi(0, 0, w, h, "full")
+    crop = gray[roi.y0 : roi.y1, roi.x0 : roi.x1]
+    interpolation = cv2.INTER_AREA if min(crop.shape) >= settings.size else cv2.INTER_LINEAR
+    image = cv2.resize(crop, (settings.size, settings.size), interpolation=interpolation)
+    sy, sx = source_shape[0] / h, source_shape[1] / w
+    box = Roi(
+        int(round(roi.x0 * sx)), int(round(roi.y0 * sy)),
+        min(source_shape[1], int(round(roi.x1 * sx))), min(source_shape[0], int(round(roi.y1 * sy))),
+        roi.method,
+    )
+    return PreparedImage(image=np.ascontiguousarray(image), roi=box, source_shape=source_shape)
+
+
+def prepare_file(path: str | os.PathLike, settings: PreprocessSettings) -> PreparedImage:
+    """Read a radiograph file and prepare it; raises ``ImageReadError`` with a reason."""
+    # Decode large JPEGs at reduced scale directly, keeping at least twice the stored size
+    # so the ROI crop (at least the central half) still has >= size pixels a side.
+    gray, source_shape = read_radiograph(
+        path, max_pixels=settings.max_pixels, target_size=2 * settings.size
+    )
+    return prepare_array(gray, settings, source_shape)
