@@ -8,6 +8,7 @@ Results go to stdout, progress and messages to stderr.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -165,17 +166,110 @@ def _not_yet(name: str) -> None:
     raise NotAvailableError(f"'xrayfeat {name}' is not available yet in version {__version__}")
 
 
+class _TrainProgress:
+    """Rich display of training: prepare bar, then one bar over all batches with the
+    latest loss and validation AUC, and a line per finished epoch."""
+
+    def __init__(self, progress):
+        self.progress = progress
+        self.prepare = _Bar(progress, "prepare")
+        self.task = None
+        self.loss = float("nan")
+        self.auc = "-"
+
+    def on_prepare_start(self, total: int) -> None:
+        self.prepare.start(total)
+
+    def on_prepare_progress(self, n: int) -> None:
+        self.prepare.advance(n)
+
+    def on_train_start(self, epochs: int, initial_epoch: int, steps: int) -> None:
+        self.steps = steps
+        self.task = self.progress.add_task("train", total=epochs * steps, rate="",
+                                           completed=initial_epoch * steps)
+
+    def on_batch_end(self, loss: float) -> None:
+        self.loss = loss
+        self.progress.update(self.task, advance=1, rate=f"loss {loss:.3f}  val AUC {self.auc}")
+
+    def on_epoch_end(self, epoch: int, logs: dict) -> None:
+        self.auc = f"{logs['val_auc']:.4f}"
+        self.progress.console.print(
+            f"epoch {epoch:>3}  loss {logs['loss']:.4f}  val loss {logs['val_loss']:.4f}  "
+            f"val AUC {logs['val_auc']:.4f}  lr {logs['lr']:.2g}  {logs['seconds']:.0f} s")
+        done = epoch * self.steps
+        self.progress.update(self.task, completed=done,
+                             rate=f"loss {self.loss:.3f}  val AUC {self.auc}")
+
+
 @app.command()
 @friendly_errors
 def train(
-    data: Path = typer.Argument(..., help="Dataset from 'prepare' (.h5) or a raw class folder."),
+    data: Path = typer.Argument(..., help="Dataset from 'prepare' (.h5) or a raw class folder "
+                                "(prepared into RUN/data.h5 on the way)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory to write."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with any of the "
+                                          "settings below (unknown keys are errors)."),
+    input_size: Optional[int] = typer.Option(None, help="Pixels a side the network sees "
+                                             "[default: 128]."),
+    width: Optional[float] = typer.Option(None, help="Width multiplier [default: 1.0]."),
+    epochs: Optional[int] = typer.Option(None, help="Maximum epochs [default: 10]."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size [default: 32]."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate [default: 0.001]."),
+    seed: Optional[int] = typer.Option(None, help="Random seed [default: 42]."),
+    class_weight: Optional[str] = typer.Option(None, help="'balanced' or 'none' "
+                                               "[default: balanced]."),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment",
+                                           help="Radiograph-safe augmentation [default: on]."),
+    strategy: Optional[str] = typer.Option(None, help="auto, mirrored or multi-worker "
+                                           "(TF_CONFIG) [default: auto]."),
+    tensorboard: Optional[Path] = typer.Option(None, help="Write TensorBoard logs here."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run from its last epoch."),
+    overwrite: bool = typer.Option(False, help="Replace an existing run (kept until the new "
+                                   "one finishes)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
     """Train a MiniVGGNet on a prepared dataset or a raw folder.
 
     [bold]Example:[/] xrayfeat train data/kermany.h5 --out runs/mvgg
     """
-    _not_yet("train")
+    from xrayfeat.config import load_train_config
+
+    settings = load_train_config(config, {
+        "input_size": input_size, "width": width, "epochs": epochs, "batch_size": batch_size,
+        "lr": lr, "seed": seed, "class_weight": class_weight, "augment": augment,
+        "strategy": strategy, "tensorboard": str(tensorboard) if tensorboard else None,
+    })
+    from xrayfeat.training import train as train_run
+
+    with _progress() as progress:
+        result = train_run(data, out, settings, resume=resume, overwrite=overwrite,
+                           reporter=_TrainProgress(progress))
+    render_train(result, json_out)
+
+
+def render_train(result, json_out: bool) -> None:
+    """Best epoch, threshold and validation metrics of a finished training run."""
+    import json
+
+    m = result.validation
+    if json_out:
+        print(json.dumps({"run": str(result.run), "best_epoch": result.best_epoch,
+                          "best_val_auc": result.best_val_auc, "epochs_run": result.epochs_run,
+                          "threshold": result.threshold, "seconds": result.seconds,
+                          "validation": m}, default=str))
+        return
+    table = Table(title=f"{result.run}: best epoch {result.best_epoch} of {result.epochs_run}"
+                  f"{' (stopped early)' if result.stopped_early else ''}, "
+                  f"{result.seconds / 60:.1f} min")
+    table.add_column("validation metric")
+    table.add_column("value", justify="right")
+    for key in ("roc_auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy",
+                "f1", "threshold", "n"):
+        if key in m and m[key] is not None:
+            value = m[key]
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    out_console.print(table)
 
 
 @app.command()
@@ -218,6 +312,8 @@ def visualize_layers(
 
 def main() -> None:
     """Console-script entry point."""
+    # TensorFlow's C++ start-up chatter is not for users; real errors still surface.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     app(prog_name="xrayfeat")
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "plot_reliability",
     "plot_roc",
     "plot_score_distribution",
+    "plot_training_curves",
 ]
 
 #: One (label, y_true, prob, threshold) entry per run; threshold None = no marker.
@@ -272,4 +273,29 @@ def plot_per_class_roc(
     ax.set_title("One-vs-rest ROC curves")
     _square_axes(ax)
     ax.legend(loc="lower right", fontsize="small")
+    return atomic_savefig(fig, path)
+
+
+def plot_training_curves(history: Sequence[dict[str, float]], path: str | os.PathLike[str]) -> Path:
+    """Training and validation loss, and validation ROC AUC, per epoch (from history.csv rows)."""
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [row["loss"] for row in history], marker="o", label="train loss")
+    ax_loss.plot(epochs, [row["val_loss"] for row in history], marker="s", label="validation loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("cross-entropy")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    aucs = [row["val_auc"] for row in history]
+    ax_auc.plot(epochs, aucs, marker="o", color="tab:green")
+    best = int(np.nanargmax(aucs)) if aucs else 0
+    if aucs:
+        ax_auc.scatter([epochs[best]], [aucs[best]], s=120, facecolors="none",
+                       edgecolors="black", label=f"best: epoch {epochs[best]}, AUC {aucs[best]:.3f}")
+        ax_auc.legend(loc="lower right")
+    ax_auc.set_xlabel("epoch")
+    ax_auc.set_ylabel("validation ROC AUC")
+    ax_auc.grid(alpha=0.3)
+    fig.suptitle("Training curves")
+    fig.tight_layout()
     return atomic_savefig(fig, path)

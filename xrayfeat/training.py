@@ -1,0 +1,463 @@
+"""Fit a MiniVGGNet on a prepared dataset and write a self-describing run directory.
+
+Design choices (measured, see BENCHMARKS.md):
+- input: the dataset's stored images, held in RAM when they fit ``memory_budget_mb``,
+  streamed from the HDF5 file otherwise; each epoch's order is a permutation seeded by
+  ``(seed, epoch)``, and augmentation is seeded per batch with stateless random ops, so an
+  epoch sees the same batches whether or not training was interrupted and resumed;
+- augmentation: one affine warp per image (rotation, shift, zoom) plus brightness and
+  contrast, no horizontal flip (the heart is on the left);
+- class imbalance: balanced class weights (every image is used once per epoch; the loss of
+  each class counts equally), which works unchanged for N classes;
+- checkpoint on validation ROC AUC (macro one-vs-rest for N > 2), early stopping and
+  learning-rate halving on plateau, all state kept in ``state.json`` for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from xrayfeat import __version__
+from xrayfeat.atomic import atomic_output, temporary_sibling
+from xrayfeat.config import TrainConfig
+from xrayfeat.dataset import DatasetInfo, load_split, open_dataset, prepare_dataset, split_indices
+from xrayfeat.errors import DatasetError, UsageError
+from xrayfeat.runs import (CONFIG_FILE, CURVES_FILE, HISTORY_FILE, LAST_FILE, MODEL_FILE,
+                           RUN_FORMAT, STATE_FILE, VALIDATION_FILE, read_json, write_json)
+
+PREPARED_NAME = "data.h5"  # where a raw folder given to train is prepared, inside the run
+
+
+class TrainReporter(Protocol):
+    """What the CLI implements to show progress; every method is optional in spirit."""
+
+    def on_prepare_start(self, total: int) -> None: ...
+    def on_prepare_progress(self, n: int) -> None: ...
+    def on_train_start(self, epochs: int, initial_epoch: int, steps: int) -> None: ...
+    def on_batch_end(self, loss: float) -> None: ...
+    def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns to the CLI."""
+
+    run: Path
+    best_epoch: int
+    best_val_auc: float
+    epochs_run: int
+    threshold: float | None
+    validation: dict[str, Any]
+    seconds: float
+    stopped_early: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> dict[int, float]:
+    """Balanced weights ``n / (k * count_c)``: each class contributes equally to the loss."""
+    counts = np.bincount(labels, minlength=n_classes).astype(float)
+    if (counts == 0).any():
+        missing = [i for i in range(n_classes) if counts[i] == 0]
+        raise DatasetError(f"the train split has no images of class index {missing}")
+    return {i: float(len(labels) / (n_classes * counts[i])) for i in range(n_classes)}
+
+
+def val_auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    """ROC AUC for binary runs, macro one-vs-rest AUC for N > 2."""
+    from sklearn.metrics import roc_auc_score
+
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(labels, probs[:, 1]))
+    return float(roc_auc_score(labels, probs, multi_class="ovr", average="macro",
+                               labels=list(range(probs.shape[1]))))
+
+
+# --- run directory ---------------------------------------------------------------------------
+
+
+def _check_out(out: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Validate ``--out``; returns the backup of a previous run moved aside by --overwrite."""
+    if resume:
+        missing = [f for f in (CONFIG_FILE, STATE_FILE, LAST_FILE) if not (out / f).is_file()]
+        if missing:
+            raise UsageError(f"cannot --resume {out}: {', '.join(missing)} missing "
+                             "(no finished epoch to resume from)")
+        return None
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder for the run")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UsageError(f"{out} exists and is not empty; pass --resume to continue it "
+                             "or --overwrite to replace it")
+        # Keep the previous run until the new one has finished: nothing is lost on Ctrl-C.
+        backup = temporary_sibling(out, ".previous")
+        backup.unlink()
+        os.replace(out, backup)
+        return backup
+    return None
+
+
+def _versions() -> dict[str, str]:
+    import cv2
+    import h5py
+    import keras
+    import sklearn
+    import tensorflow as tf
+
+    return {"xrayfeat": __version__, "python": platform.python_version(),
+            "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
+            "h5py": h5py.__version__, "opencv": cv2.__version__, "scikit-learn": sklearn.__version__}
+
+
+# --- input pipeline --------------------------------------------------------------------------
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of the train rows used in ``epoch`` (same after a resume)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def augment_batch(images, seeds, config: TrainConfig):
+    """Radiograph-safe augmentation of a float32 batch ``(b, S, S, 1)`` in 0-255.
+
+    One affine warp per image (rotation, shift, zoom: one interpolation, not three),
+    then brightness and contrast. ``seeds`` is a ``(2,)`` int tensor: stateless ops make
+    the result a pure function of it.
+    """
+    import tensorflow as tf
+
+    b = tf.shape(images)[0]
+    size = tf.cast(tf.shape(images)[1], tf.float32)
+    u = lambda i, lo, hi: tf.random.stateless_uniform([b], seed=seeds + i, minval=lo, maxval=hi)  # noqa: E731
+    theta = u(1, -1.0, 1.0) * (config.rotation_deg * math.pi / 180.0)
+    zoom = 1.0 + u(2, -config.zoom, config.zoom)
+    tx = u(3, -config.shift, config.shift) * size
+    ty = u(4, -config.shift, config.shift) * size
+    c = (size - 1.0) / 2.0
+    cos, sin = tf.cos(theta) / zoom, tf.sin(theta) / zoom
+    # Output pixel (x, y) samples input (a0 x + a1 y + a2, b0 x + b1 y + b2): rotate and
+    # scale about the centre, then shift.
+    a0, a1, b0, b1 = cos, -sin, sin, cos
+    a2 = c - a0 * c - a1 * c + tx
+    b2 = c - b0 * c - b1 * c + ty
+    zeros = tf.zeros_like(a0)
+    transforms = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+    if config.hflip:
+        flip = u(5, 0.0, 1.0) < 0.5
+        images = tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
+    images = tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=transforms, output_shape=tf.shape(images)[1:3],
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
+    mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+    contrast = 1.0 + u(6, -config.contrast, config.contrast)
+    brightness = u(7, -config.brightness, config.brightness) * 255.0
+    images = (images - mean) * contrast[:, None, None, None] + mean + brightness[:, None, None, None]
+    return tf.clip_by_value(images, 0.0, 255.0)
+
+
+def make_train_dataset(info: DatasetInfo, config: TrainConfig, initial_epoch: int,
+                       weights: dict[int, float], n_classes: int):
+    """tf.data pipeline of ``(images, one_hot, sample_weight)`` for epochs
+    ``initial_epoch .. config.epochs - 1``; returns the dataset and its steps per epoch."""
+    import tensorflow as tf
+
+    n = len(split_indices(info.path, "train"))
+    steps = math.ceil(n / config.batch_size)
+    epochs = range(initial_epoch, config.epochs)
+    weight_table = tf.constant([weights[i] for i in range(n_classes)], tf.float32)
+    in_memory = n * info.size * info.size <= config.memory_budget_mb * 2**20
+
+    if in_memory:
+        arrays = load_split(info.path, "train")
+        images_t = tf.constant(arrays.images)
+        labels_t = tf.constant(arrays.labels, tf.int32)
+        orders = np.stack([epoch_order(n, config.seed, e) for e in epochs]) if len(epochs) else \
+            np.zeros((0, n), np.int64)
+        order_ds = tf.data.Dataset.from_tensor_slices(orders).flat_map(
+            lambda order: tf.data.Dataset.from_tensor_slices(order).batch(config.batch_size))
+        ds = order_ds.map(lambda idx: (tf.gather(images_t, idx), tf.gather(labels_t, idx)),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        from xrayfeat.dataset import iter_split
+
+        def generate():
+            for e in epochs:
+                yield from iter_split(info.path, "train", config.batch_size,
+                                      order=epoch_order(n, config.seed, e))
+
+        ds = tf.data.Dataset.from_generator(generate, output_signature=(
+            tf.TensorSpec((None, info.size, info.size), tf.uint8),
+            tf.TensorSpec((None,), tf.int64)))
+        ds = ds.map(lambda x, y: (x, tf.cast(y, tf.int32)))
+
+    # Batch b of epoch e gets augmentation seed (seed, e * steps + b): resumable.
+    batch_ids = tf.data.Dataset.range(initial_epoch * steps, config.epochs * steps)
+    ds = tf.data.Dataset.zip((ds, batch_ids))
+
+    def finish(pair, batch_id):
+        x, y = pair
+        x = tf.cast(x, tf.float32)[..., None]
+        if config.augment:
+            seeds = tf.stack([tf.constant(config.seed, tf.int64), batch_id])
+            x = augment_batch(x, tf.cast(seeds, tf.int32), config)
+        one_hot = tf.one_hot(y, n_classes)
+        if config.label_smoothing:
+            one_hot = one_hot * (1 - config.label_smoothing) + config.label_smoothing / n_classes
+        return x, one_hot, tf.gather(weight_table, y)
+
+    ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options), steps
+
+
+# --- callbacks -------------------------------------------------------------------------------
+
+
+def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
+                 config: TrainConfig, state: dict, is_chief: bool,
+                 reporter: TrainReporter | None):
+    import keras
+
+    class RunKeeper(keras.callbacks.Callback):
+        """Validation AUC, best/last checkpoints, plateau LR, early stopping, CSV history.
+
+        One callback owns all training state so that ``state.json`` can restore it exactly.
+        """
+
+        def on_train_batch_end(self, batch, logs=None):
+            if reporter and logs:
+                reporter.on_batch_end(float(logs.get("loss", float("nan"))))
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs if logs is not None else {}
+            probs = self.model.predict(val_images, batch_size=128, verbose=0)
+            auc = val_auc(val_labels, probs)
+            eps = 1e-7
+            val_loss = float(-np.mean(np.log(np.clip(
+                probs[np.arange(len(val_labels)), val_labels], eps, 1.0))))
+            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            logs.update(val_auc=auc, val_loss=val_loss, lr=lr)
+            row = {"epoch": epoch + 1, "loss": float(logs.get("loss", float("nan"))),
+                   "val_loss": val_loss, "val_auc": auc, "lr": lr,
+                   "seconds": time.perf_counter() - self._t0}
+            state["history"].append(row)
+            improved = auc > state["best_val_auc"] + 1e-4
+            if improved:
+                state.update(best_val_auc=auc, best_epoch=epoch + 1, wait=0, lr_wait=0)
+                if is_chief:
+                    with atomic_output(out / MODEL_FILE) as tmp:
+                        self.model.save(tmp)
+            else:
+                state["wait"] += 1
+                state["lr_wait"] += 1
+                if state["lr_wait"] >= config.lr_patience and lr > config.min_lr:
+                    new_lr = max(config.min_lr, lr * config.lr_factor)
+                    self.model.optimizer.learning_rate = new_lr
+                    state["lr_wait"] = 0
+                if state["wait"] >= config.early_stopping_patience:
+                    self.model.stop_training = True
+                    state["stopped_early"] = True
+            state["epoch"] = epoch + 1
+            if is_chief:
+                with atomic_output(out / LAST_FILE) as tmp:
+                    self.model.save(tmp)  # with optimizer state, for --resume
+                _write_history(out / HISTORY_FILE, state["history"])
+                write_json(out / STATE_FILE, state)  # last: it says last.keras is complete
+            if reporter:
+                reporter.on_epoch_end(epoch + 1, row)
+
+    return RunKeeper()
+
+
+def _write_history(path: Path, rows: list[dict[str, float]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_output(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+
+
+# --- strategy --------------------------------------------------------------------------------
+
+
+def make_strategy(name: str):
+    """The tf.distribute strategy for ``--strategy`` and whether this process is the chief."""
+    import tensorflow as tf
+
+    if name == "multi-worker":
+        tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+        if not tf_config.get("cluster"):
+            raise UsageError("--strategy multi-worker needs TF_CONFIG describing the cluster")
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        task = tf_config.get("task", {})
+        has_chief = "chief" in tf_config["cluster"]
+        is_chief = task.get("type") == "chief" or (
+            not has_chief and task.get("type") == "worker" and int(task.get("index", 0)) == 0)
+        return strategy, is_chief
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "mirrored" or (name == "auto" and len(gpus) > 1):
+        return tf.distribute.MirroredStrategy(), True
+    return tf.distribute.get_strategy(), True
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def train(
+    data: Path,
+    out: Path,
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    reporter: TrainReporter | None = None,
+) -> TrainResult:
+    """Train (or resume) a run in ``out`` from a prepared dataset or a raw class folder."""
+    started = time.perf_counter()
+    data, out = Path(data), Path(out)
+    if not data.exists():
+        raise UsageError(f"{data} does not exist")
+    if resume:
+        _check_out(out, resume=True, overwrite=False)
+        saved = read_json(out / CONFIG_FILE)
+        config = TrainConfig(**{**saved["train"], "epochs": max(config.epochs,
+                                                                saved["train"]["epochs"])})
+        backup = None
+    else:
+        backup = _check_out(out, resume=False, overwrite=overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+    config.validate()
+    if data.is_dir():
+        prepared = out / PREPARED_NAME
+        if not (resume and prepared.is_file()):
+            prepare_dataset(data, prepared, overwrite=True,
+                            on_start=getattr(reporter, "on_prepare_start", None),
+                            on_progress=getattr(reporter, "on_prepare_progress", None))
+        data = prepared
+    info = open_dataset(data)
+    info.require_split("train")
+    info.require_split("val")
+    if config.input_size > info.size:
+        raise UsageError(f"--input-size {config.input_size} is larger than the {info.size} px "
+                         f"images stored in {data}; prepare with --size {config.input_size}")
+    n_classes = len(info.classes)
+
+    import keras  # TensorFlow starts here, after any prepare workers are done
+
+    from xrayfeat.model import build_minivggnet
+
+    keras.utils.set_random_seed(config.seed)
+    strategy, is_chief = make_strategy(config.strategy)
+    val = load_split(info.path, "val")
+    train_labels = load_split(info.path, "train", with_images=False).labels
+    if len(np.unique(val.labels)) < 2:
+        raise DatasetError(f"the validation split of {data} holds only one class; "
+                           "its AUC is undefined")
+    weights = class_weights(train_labels, n_classes) if config.class_weight == "balanced" else \
+        {i: 1.0 for i in range(n_classes)}
+
+    if resume:
+        state = read_json(out / STATE_FILE)
+    else:
+        state = {"epoch": 0, "best_val_auc": -1.0, "best_epoch": 0, "wait": 0, "lr_wait": 0,
+                 "stopped_early": False, "history": []}
+        write_json(out / CONFIG_FILE, {
+            "format": RUN_FORMAT,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "classes": info.classes,
+            "positive_class": info.classes[1] if n_classes == 2 else None,
+            "train": config.to_dict(),
+            "class_weights": weights,
+            "preprocess": {"size": info.size, "roi": info.roi,
+                           "roi_settings": _roi_settings(info.path)},
+            "data": {"path": str(data.resolve()), "sha256": file_sha256(data),
+                     "splits": info.split_counts, "label_mode": info.label_mode},
+            "versions": _versions(),
+        })
+
+    with strategy.scope():
+        if resume:
+            model = keras.models.load_model(out / LAST_FILE, safe_mode=True)
+        else:
+            model = build_minivggnet(n_classes, input_size=config.input_size,
+                                     stored_size=info.size, width=config.width)
+            model.compile(
+                optimizer=keras.optimizers.AdamW(config.lr, weight_decay=config.weight_decay),
+                loss=keras.losses.CategoricalCrossentropy(),
+            )
+    train_ds, steps = make_train_dataset(info, config, state["epoch"], weights, n_classes)
+    if reporter:
+        reporter.on_train_start(config.epochs, state["epoch"], steps)
+    callbacks = [_make_keeper(out, val.images[..., None], val.labels, config, state, is_chief,
+                              reporter)]
+    if config.tensorboard:
+        callbacks.append(keras.callbacks.TensorBoard(config.tensorboard))
+    already_stopped = state.get("stopped_early", False)
+    if state["epoch"] < config.epochs and not already_stopped:
+        model.fit(train_ds, epochs=config.epochs, initial_epoch=state["epoch"],
+                  steps_per_epoch=steps, callbacks=callbacks, verbose=0, shuffle=False)
+
+    result = _finish(out, info, val, state, is_chief, started)
+    if backup is not None and is_chief:
+        shutil.rmtree(backup, ignore_errors=True)
+    return result
+
+
+def _roi_settings(path: Path) -> dict:
+    import h5py
+
+    with h5py.File(path, "r") as h5:
+        return json.loads(h5.attrs.get("roi_settings", "{}"))
+
+
+def _finish(out: Path, info: DatasetInfo, val, state: dict, is_chief: bool,
+            started: float) -> TrainResult:
+    """Threshold and metrics of the best model on validation; training curves."""
+    from xrayfeat.evaluation import evaluate_predictions, youden_threshold
+    from xrayfeat.runs import load_model_safely
+
+    model = load_model_safely(out / MODEL_FILE)
+    probs = model.predict(val.images[..., None], batch_size=128, verbose=0)
+    threshold = youden_threshold(val.labels, probs[:, 1]) if probs.shape[1] == 2 else None
+    metrics = evaluate_predictions(val.labels, probs, info.classes, threshold=threshold,
+                                   groups=val.patients, n_boot=0)
+    validation = {"threshold": threshold, "threshold_method": "youden_j_on_validation",
+                  "best_epoch": state["best_epoch"], "metrics": metrics}
+    if is_chief:
+        write_json(out / VALIDATION_FILE, validation)
+        from xrayfeat.figures import plot_training_curves
+
+        plot_training_curves(state["history"], out / CURVES_FILE)
+    return TrainResult(run=out, best_epoch=state["best_epoch"],
+                       best_val_auc=state["best_val_auc"], epochs_run=state["epoch"],
+                       threshold=threshold, validation=metrics,
+                       seconds=time.perf_counter() - started,
+                       stopped_early=state.get("stopped_early", False),
+                       history=state["history"])
