@@ -18,6 +18,10 @@ def temporary_sibling(final: Path, suffix: str = "") -> Path:
     """A fresh hidden name in the same folder as ``final`` (so the rename is atomic)."""
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
     os.close(fd)
+    # mkstemp makes 0600 files; outputs should get the usual permissions (umask applies).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
     return Path(name)
 
 

@@ -275,26 +275,153 @@ def render_train(result, json_out: bool) -> None:
 @app.command()
 @friendly_errors
 def evaluate(
-    paths: List[Path] = typer.Argument(..., help="RUN [RUN...] DATA"),
+    paths: List[Path] = typer.Argument(..., help="RUN [RUN...] DATA: one or more run "
+                                       "directories, then a dataset (.h5) or class folder."),
+    split: str = typer.Option("test", help="Split of DATA to evaluate (test falls back to "
+                              "val with a notice when a dataset has no test split)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write metrics.json, "
+                                       "predictions.csv and figures here."),
+    threshold: Optional[float] = typer.Option(None, help="Override the runs' operating "
+                                              "thresholds."),
+    bootstrap: int = typer.Option(1000, help="Bootstrap resamples (by patient) for 95% CIs; "
+                                  "0 turns them off."),
+    seed: int = typer.Option(0, help="Seed of the bootstrap."),
+    json_out: bool = typer.Option(False, "--json", help="Print exactly one JSON object on "
+                                  "stdout."),
 ) -> None:
     """Evaluate one or more runs on a dataset split or a class folder.
 
-    [bold]Example:[/] xrayfeat evaluate runs/mvgg data/kermany.h5 --split test
+    [bold]Example:[/] xrayfeat evaluate runs/mvgg data/kermany.h5 --split test --out report/
     """
-    _not_yet("evaluate")
+    from xrayfeat.errors import UsageError
+    from xrayfeat.evaluation import evaluate_runs
+
+    if len(paths) < 2:
+        raise UsageError("give RUN [RUN...] DATA: at least one run directory and the data")
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise UsageError(f"--threshold must be between 0 and 1, got {threshold}")
+    result = evaluate_runs(paths[:-1], paths[-1], split=split, out=out, threshold=threshold,
+                           n_boot=bootstrap, seed=seed)
+    render_evaluate(result, json_out)
+
+
+_EVAL_ROWS = ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1",
+              "balanced_accuracy", "roc_auc", "pr_auc", "brier", "ece", "threshold", "n")
+
+
+def render_evaluate(result, json_out: bool) -> None:
+    """One column per run: metric value with its 95% CI; notices and left-out files."""
+    import json
+
+    for notice in result.notices:
+        err_console.print(f"[yellow]notice:[/] {notice}", highlight=False)
+    if result.left_out:
+        err_console.print(f"[yellow]{len(result.left_out)} file(s) could not be read and were "
+                          "left out of the metrics:[/]", highlight=False)
+        for path, reason in result.left_out:
+            err_console.print(f"  {path}: {reason}", highlight=False, soft_wrap=True)
+    if json_out:
+        reports = result.reports
+        obj = next(iter(reports.values())) if len(reports) == 1 else {"runs": reports}
+        print(json.dumps(obj, default=float))
+        return
+    table = Table(title=f"{result.data} [{result.split}]"
+                  + (f", {len(result.left_out)} file(s) left out" if result.left_out else ""))
+    table.add_column("metric")
+    for name in result.reports:
+        table.add_column(name, justify="right")
+    first = next(iter(result.reports.values()))
+    if "per_class" in first:  # N > 2 classes
+        rows = [("accuracy", lambda r: r["accuracy"]),
+                ("balanced_accuracy", lambda r: r["balanced_accuracy"]),
+                ("macro roc_auc", lambda r: r["macro"]["roc_auc"]),
+                ("weighted roc_auc", lambda r: r["weighted"]["roc_auc"])]
+        for cls in first["classes"]:
+            for key in ("sensitivity", "specificity", "roc_auc"):
+                rows.append((f"{cls} {key}", lambda r, c=cls, k=key: r["per_class"][c][k]))
+        for label, get in rows:
+            table.add_row(label, *(f"{get(r):.4f}" for r in result.reports.values()))
+    else:
+        for key in _EVAL_ROWS:
+            cells = []
+            for report in result.reports.values():
+                value = report.get(key)
+                ci = report.get("ci", {}).get(key)
+                text = f"{value:.4f}" if isinstance(value, float) else str(value)
+                if ci:
+                    text += f" [dim]({ci['lower']:.3f}-{ci['upper']:.3f})[/]"
+                cells.append(text)
+            table.add_row(key, *cells)
+        table.add_row("tp / fp / tn / fn", *(
+            "{tp} / {fp} / {tn} / {fn}".format(**r["confusion_matrix"])
+            for r in result.reports.values()))
+    out_console.print(table)
+    if result.files:
+        err_console.print(f"wrote {len(result.files)} file(s) to "
+                          f"{Path(result.files[0]).parent}", highlight=False)
 
 
 @app.command()
 @friendly_errors
 def predict(
     run: Path = typer.Argument(..., help="Run directory from 'train'."),
-    inputs: List[str] = typer.Argument(..., help="Files, folders or glob patterns."),
+    inputs: List[str] = typer.Argument(..., help="Files, folders (recursive) or glob patterns."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (.csv, .jsonl "
+                                       "or .json); without it, a table on the terminal."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="csv, jsonl or json "
+                                      "[default: from --out's extension, else csv]."),
+    threshold: Optional[float] = typer.Option(None, help="Override the run's operating "
+                                              "threshold (binary runs)."),
+    gradcam: Optional[Path] = typer.Option(None, "--gradcam", help="Also write a Grad-CAM "
+                                           "overlay PNG per input into this folder."),
+    shard: Optional[str] = typer.Option(None, help="I/N: process only the I-th of N disjoint "
+                                        "slices of the inputs (stable by path), 1-based."),
+    skip_done: bool = typer.Option(False, help="Append to --out and skip paths already in it "
+                                   "(resume an interrupted run)."),
+    strict: bool = typer.Option(False, help="Exit 1 if any file could not be predicted."),
+    batch_size: int = typer.Option(32, help="Images per inference batch."),
+    workers: Optional[int] = typer.Option(None, help="Decoding processes (default: all cores)."),
 ) -> None:
     """Predict every radiograph in files, folders and globs.
 
     [bold]Example:[/] xrayfeat predict runs/mvgg ~/incoming/ --out preds.csv
     """
-    _not_yet("predict")
+    from xrayfeat.errors import EXIT_FAILURES
+    from xrayfeat.prediction import predict as predict_run
+
+    with _progress() as progress:
+        bar = _Bar(progress, "predict")
+        summary = predict_run(run, inputs, out=out, fmt=fmt, threshold=threshold,
+                              gradcam_dir=gradcam, shard=shard, skip_done=skip_done,
+                              batch_size=batch_size, workers=workers,
+                              on_start=bar.start, on_progress=bar.advance)
+    render_predict(summary)
+    if strict and summary.errors:
+        raise typer.Exit(EXIT_FAILURES)
+
+
+def render_predict(summary) -> None:
+    """Rows as a table when there is no output file; then counts per class and errors."""
+    if summary.out is None and summary.rows:
+        table = Table()
+        for name in ("path", "label", "probability", "error"):
+            table.add_column(name, overflow="fold")
+        for row in summary.rows:
+            prob = row["probability"]
+            table.add_row(row["path"], row["label"],
+                          f"{prob:.4f}" if isinstance(prob, float) else "", row["error"])
+        out_console.print(table)
+        if summary.predicted + summary.errors > len(summary.rows):
+            err_console.print(f"(first {len(summary.rows)} rows shown; use --out for all)")
+    counts = ", ".join(f"{c}: {n}" for c, n in summary.per_class.items())
+    where = f" -> {summary.out}" if summary.out else ""
+    err_console.print(f"predicted {summary.predicted} file(s) in {summary.seconds:.1f} s "
+                      f"({counts}){where}", highlight=False)
+    if summary.skipped_done:
+        err_console.print(f"{summary.skipped_done} file(s) already in {summary.out} were skipped")
+    if summary.errors:
+        err_console.print(f"[yellow]{summary.errors} file(s) could not be read[/]; "
+                          "see the error column", highlight=False)
 
 
 @app.command("visualize-layers")

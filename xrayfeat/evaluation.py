@@ -17,6 +17,8 @@ Conventions used throughout:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -455,3 +457,216 @@ def evaluate_predictions(
         report["n_boot"] = int(n_boot)
         report["ci_unit"] = "group" if groups is not None else "image"
     return report
+
+
+# -------------------------------------------------------------------------- evaluate runs
+
+
+@dataclass
+class EvaluationResult:
+    """Reports of one or more runs on the same images, for the CLI to render."""
+
+    data: str
+    split: str | None
+    notices: list[str]
+    reports: dict[str, dict[str, Any]]  # run name -> report
+    left_out: list[tuple[str, str]]  # (path, reason) of files that could not be read
+    files: list[str]  # written outputs
+
+
+def _run_label(path: Path, taken: set[str]) -> str:
+    """A short, unique name for a run in tables and legends."""
+    name = path.resolve().name or str(path)
+    label, k = name, 2
+    while label in taken:
+        label, k = f"{name}-{k}", k + 1
+    taken.add(label)
+    return label
+
+
+def _dataset_predictions(runs, models, data: Path, split: str, notices: list[str]):
+    """Probabilities of every run on one split of a prepared dataset, streamed in batches."""
+    from xrayfeat.dataset import iter_split, load_split, open_dataset
+    from xrayfeat.errors import DatasetError, UsageError
+
+    info = open_dataset(data)
+    if split not in info.split_counts:
+        if split == "test" and info.split_counts.get("val"):
+            notices.append(f"{data} has no 'test' split; evaluating on 'val' instead "
+                           "(validation scores flatter: the threshold was chosen on it)")
+            split = "val"
+        else:
+            info.require_split(split)  # raises with the splits present
+    for run in runs:
+        if run.classes != info.classes:
+            raise DatasetError(f"classes differ: run {run.path} has {run.classes}, "
+                               f"{data} has {info.classes}")
+        if run.preprocess.size != info.size:
+            raise UsageError(f"{data} stores {info.size} px images but run {run.path} was "
+                             f"trained on {run.preprocess.size} px; prepare with --size "
+                             f"{run.preprocess.size}")
+        if run.preprocess.roi != info.roi:
+            notices.append(f"{data} was prepared with roi={info.roi} but run {run.path} with "
+                           f"roi={run.preprocess.roi}: images are not seen as in training")
+    meta = load_split(data, split, with_images=False)
+    probs = [[] for _ in runs]
+    for images, _ in iter_split(data, split, batch_size=128):
+        x = images[..., None].astype(np.float32)
+        for k, model in enumerate(models):
+            probs[k].append(np.asarray(model.predict_on_batch(x), dtype=np.float64))
+    return split, meta.labels, meta.patients, meta.paths, [np.concatenate(p) for p in probs]
+
+
+def _folder_predictions(runs, data: Path, split: str, left_out: list):
+    """Probabilities on a class folder through ``predict``'s own code path."""
+    from xrayfeat.dataset import SPLITS, find_labelled_files
+    from xrayfeat.errors import DatasetError
+    from xrayfeat.prediction import predict_files
+
+    root = data
+    sub = [p for p in data.iterdir() if p.is_dir() and p.name.lower() in SPLITS]
+    if sub:
+        matches = [p for p in sub if p.name.lower() == split]
+        if not matches:
+            raise DatasetError(f"{data} has no '{split}' folder; it has "
+                               f"{', '.join(sorted(p.name for p in sub))}")
+        root = matches[0]
+    files, classes, _ = find_labelled_files(root)
+    for run in runs:
+        if sorted(c.casefold() for c in classes) != sorted(c.casefold() for c in run.classes):
+            raise DatasetError(f"classes differ: run {run.path} has {run.classes}, "
+                               f"{root} has {classes}")
+    index = {c.casefold(): i for i, c in enumerate(runs[0].classes)}
+    paths = [f.path for f in files]
+    per_run = []
+    for run in runs:
+        rows = [r for batch in predict_files(run, paths) for r in batch]
+        per_run.append(rows)
+    ok = [i for i, r in enumerate(per_run[0]) if not r["error"]]
+    left_out.extend((r["path"], r["error"]) for r in per_run[0] if r["error"])
+    labels = np.array([index[files[i].class_name.casefold()] for i in ok], dtype=int)
+    patients = np.array([files[i].patient for i in ok])
+    out_paths = np.array([str(paths[i]) for i in ok])
+    probs = [np.array([[rows[i][f"prob_{c}"] for c in run.classes] for i in ok], dtype=float)
+             for run, rows in zip(runs, per_run)]
+    return labels, patients, out_paths, probs
+
+
+def evaluate_runs(
+    run_paths: list[Path],
+    data: Path,
+    *,
+    split: str = "test",
+    out: Path | None = None,
+    threshold: float | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> EvaluationResult:
+    """Evaluate runs on a dataset split (.h5) or a class folder; write report files to ``out``.
+
+    Each run is scored at its own operating threshold (chosen on validation by ``train``)
+    unless ``threshold`` is given. Confidence intervals resample patients.
+    """
+    from xrayfeat.errors import DatasetError, UsageError
+    from xrayfeat.runs import load_run
+
+    if not run_paths:
+        raise UsageError("give at least one run directory before DATA")
+    if not data.exists():
+        raise UsageError(f"{data} does not exist")
+    if n_boot < 0:
+        raise UsageError("--bootstrap must be 0 or more")
+    runs = [load_run(p) for p in run_paths]
+    if len({tuple(r.classes) for r in runs}) > 1:
+        raise DatasetError("the runs have different classes; compare runs trained on the same "
+                           "classes")
+    notices: list[str] = []
+    left_out: list[tuple[str, str]] = []
+    if data.is_dir():
+        labels, patients, paths, probs = _folder_predictions(runs, data, split, left_out)
+    else:
+        models = [r.load_model() for r in runs]
+        split, labels, patients, paths, probs = _dataset_predictions(runs, models, data, split,
+                                                                     notices)
+    if len(labels) == 0:
+        raise DatasetError(f"no readable images to evaluate in {data}")
+    taken: set[str] = set()
+    names = [_run_label(r.path, taken) for r in runs]
+    reports = {}
+    for name, run, prob in zip(names, runs, probs):
+        thr = threshold if threshold is not None else run.threshold
+        report = evaluate_predictions(labels, prob, run.classes, threshold=thr,
+                                      groups=patients, n_boot=n_boot, seed=seed)
+        report["run"] = str(run.path)
+        report["left_out"] = len(left_out)
+        reports[name] = report
+    files = _write_report(out, names, runs, reports, labels, paths, probs, left_out) if out else []
+    return EvaluationResult(data=str(data), split=split if not data.is_dir() else split,
+                            notices=notices, reports=reports, left_out=left_out, files=files)
+
+
+def _write_report(out: Path, names, runs, reports, labels, paths, probs, left_out) -> list[str]:
+    """metrics.json, predictions.csv and the figures, each written atomically."""
+    import csv
+    import io
+    import json
+
+    from xrayfeat import figures
+    from xrayfeat.atomic import atomic_output
+
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    classes = runs[0].classes
+    single = len(names) == 1
+    metrics = reports[names[0]] if single else {"runs": reports}
+    with atomic_output(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    written.append(out / "metrics.json")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    header = ["path", "true_label"]
+    for name in names:
+        prefix = "" if single else f"{name}:"
+        header += [f"{prefix}probability", f"{prefix}predicted_label"]
+    writer.writerow(header)
+    predicted = []
+    for name, run, prob in zip(names, runs, probs):
+        thr = reports[name].get("threshold")
+        if len(classes) == 2:
+            predicted.append((prob[:, 1] >= thr).astype(int))
+        else:
+            predicted.append(prob.argmax(axis=1))
+    for i, path in enumerate(paths):
+        row = [path, classes[labels[i]]]
+        for prob, pred in zip(probs, predicted):
+            p = prob[i, 1] if len(classes) == 2 else prob[i, pred[i]]
+            row += [f"{p:.6f}", classes[pred[i]]]
+        writer.writerow(row)
+    for path, reason in left_out:
+        writer.writerow([path, "", "", f"left out: {reason}"] + [""] * (len(header) - 4))
+    with atomic_output(out / "predictions.csv") as tmp:
+        tmp.write_text(buffer.getvalue())
+    written.append(out / "predictions.csv")
+    if len(classes) == 2:
+        curves = [(name, labels, prob[:, 1], reports[name]["threshold"])
+                  for name, prob in zip(names, probs)]
+        written.append(figures.plot_roc(curves, out / "roc.png"))
+        written.append(figures.plot_pr(curves, out / "pr.png"))
+    else:
+        for name, prob in zip(names, probs):
+            suffix = "" if single else f"_{name}"
+            written.append(figures.plot_per_class_roc(labels, prob, classes,
+                                                      out / f"roc_per_class{suffix}.png"))
+    for name, prob in zip(names, probs):
+        suffix = "" if single else f"_{name}"
+        report = reports[name]
+        cm = report["confusion_matrix"]
+        if isinstance(cm, dict):  # binary: rows true NORMAL/PNEUMONIA, columns predicted
+            cm = [[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]]
+        written.append(figures.plot_confusion(np.array(cm), classes, out / f"confusion{suffix}.png"))
+        if len(classes) == 2:
+            written.append(figures.plot_reliability(labels, prob[:, 1],
+                                                    out / f"reliability{suffix}.png"))
+            written.append(figures.plot_score_distribution(
+                labels, prob[:, 1], classes, report["threshold"], out / f"scores{suffix}.png"))
+    return [str(p) for p in written]

@@ -40,8 +40,10 @@ def build_minivggnet(
     inputs = keras.Input((stored_size, stored_size, channels), name="image")
     x = inputs
     if stored_size != input_size:
-        # "area" averages source pixels: no aliasing when shrinking 224 -> 64.
-        x = layers.Resizing(input_size, input_size, interpolation="area", name="resize")(x)
+        # Antialiased bilinear: no aliasing when shrinking 224 -> 64, and unlike "area" it
+        # has a gradient, which saliency and Grad-CAM through the input need.
+        x = layers.Resizing(input_size, input_size, interpolation="bilinear", antialias=True,
+                            name="resize")(x)
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(x)
     for block, filters in ((1, f1), (2, f2)):
         for conv in (1, 2):
