@@ -253,6 +253,13 @@ def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
 
         def on_epoch_begin(self, epoch, logs=None):
             self._t0 = time.perf_counter()
+            # Dropout draws from per-layer seed generators whose state a saved model does
+            # not restore; seeding them by (seed, epoch) makes a resumed epoch identical.
+            for i, layer in enumerate(self.model.layers):
+                generator = getattr(layer, "seed_generator", None)
+                if generator is not None:
+                    generator.state.assign(np.array([config.seed * 1000 + i, epoch],
+                                                    dtype=generator.state.dtype))
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}

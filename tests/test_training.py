@@ -1,0 +1,203 @@
+"""train: the model, the config, the input pipeline and the run directory it writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from xrayfeat.config import TrainConfig, load_train_config
+from xrayfeat.errors import DatasetError, UsageError
+from xrayfeat.training import class_weights, epoch_order, train
+
+
+# --------------------------------------------------------------------------- model
+
+
+def test_minivggnet_layers_are_named_and_bn_normalises_channels():
+    from keras import layers
+
+    from xrayfeat.model import CONV_LAYERS, build_minivggnet
+
+    model = build_minivggnet(3, input_size=32, stored_size=64)
+    names = [layer.name for layer in model.layers]
+    for name in (*CONV_LAYERS, "block1_pool", "block2_pool", "fc1", "predictions"):
+        assert name in names
+    assert model.output_shape == (None, 3)
+    assert model.get_layer("resize").output.shape[1:3] == (32, 32)
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            assert layer.axis in (-1, [-1], [3], 3), layer.axis
+    # Published widths: 32 and 64 filters, 512 dense units.
+    assert model.get_layer("block1_conv1").filters == 32
+    assert model.get_layer("block2_conv2").filters == 64
+    assert model.get_layer("fc1").units == 512
+
+
+def test_width_multiplier_and_flop_count():
+    from xrayfeat.model import build_minivggnet, forward_flops
+
+    model = build_minivggnet(2, input_size=32, width=0.5)
+    assert model.get_layer("block1_conv1").filters == 16
+    # Hand count: conv 2*H*W*Cout*9*Cin, dense 2*in*out.
+    expected = (2 * 32 * 32 * 16 * 9 * 1 + 2 * 32 * 32 * 16 * 9 * 16
+                + 2 * 16 * 16 * 32 * 9 * 16 + 2 * 16 * 16 * 32 * 9 * 32
+                + 2 * (8 * 8 * 32) * 256 + 2 * 256 * 2)
+    assert forward_flops(model) == expected
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_toml_config_and_cli_overrides(tmp_path):
+    toml = tmp_path / "train.toml"
+    toml.write_text("epochs = 3\nlr = 0.01\n")
+    config = load_train_config(toml, {"lr": 0.002, "batch_size": None})
+    assert config.epochs == 3  # from the file
+    assert config.lr == 0.002  # the command line wins
+    assert config.batch_size == TrainConfig().batch_size  # default
+
+
+def test_unknown_toml_key_is_an_error(tmp_path):
+    toml = tmp_path / "train.toml"
+    toml.write_text("epochs = 3\nlearning_rate = 0.1\n")
+    with pytest.raises(UsageError, match="learning_rate"):
+        load_train_config(toml, {})
+
+
+@pytest.mark.parametrize("override", [{"class_weight": "sometimes"}, {"epochs": 0},
+                                      {"strategy": "cluster"}, {"input_size": 8}])
+def test_bad_values_are_usage_errors(override):
+    with pytest.raises(UsageError):
+        load_train_config(None, override)
+
+
+# --------------------------------------------------------------------------- pipeline pieces
+
+
+def test_balanced_class_weights_equalise_class_totals():
+    labels = np.array([0] * 10 + [1] * 27)
+    weights = class_weights(labels, 2)
+    assert weights[0] * 10 == pytest.approx(weights[1] * 27)
+    assert weights[0] * 10 + weights[1] * 27 == pytest.approx(len(labels))
+
+
+def test_epoch_order_is_a_seeded_permutation():
+    a, b = epoch_order(50, 1, 3), epoch_order(50, 1, 3)
+    assert np.array_equal(a, b)
+    assert sorted(a) == list(range(50))
+    assert not np.array_equal(a, epoch_order(50, 1, 4))
+
+
+def test_augmentation_is_a_pure_function_of_its_seed():
+    import tensorflow as tf
+
+    from xrayfeat.training import augment_batch
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.integers(0, 255, (4, 48, 48, 1)).astype("float32"))
+    config = TrainConfig()
+    a = augment_batch(x, tf.constant([1, 2]), config).numpy()
+    b = augment_batch(x, tf.constant([1, 2]), config).numpy()
+    c = augment_batch(x, tf.constant([1, 3]), config).numpy()
+    assert a.shape == x.shape
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a.min() >= 0 and a.max() <= 255
+
+
+def test_no_horizontal_flip_by_default():
+    """With every transform off, augmentation is the identity: nothing mirrors the heart."""
+    import tensorflow as tf
+
+    from xrayfeat.training import augment_batch
+
+    x = np.zeros((2, 32, 32, 1), np.float32)
+    x[:, :, :8] = 200.0  # bright left edge
+    config = TrainConfig(rotation_deg=0, shift=0, zoom=0, brightness=0, contrast=0)
+    out = augment_batch(tf.constant(x), tf.constant([5, 6]), config).numpy()
+    np.testing.assert_allclose(out, x, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def test_run_directory_describes_itself(trained_run: Path):
+    from xrayfeat.runs import load_run
+
+    for name in ("model.keras", "last.keras", "state.json", "config.json", "validation.json",
+                 "history.csv", "training_curves.png"):
+        assert (trained_run / name).is_file(), name
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["classes"] == ["NORMAL", "PNEUMONIA"]
+    assert len(config["data"]["sha256"]) == 64
+    assert config["train"]["input_size"] == 32
+    assert "tensorflow" in config["versions"]
+    validation = json.loads((trained_run / "validation.json").read_text())
+    assert 0.0 <= validation["threshold"] <= 1.0
+    assert validation["threshold_method"] == "youden_j_on_validation"
+    with open(trained_run / "history.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(0.0 <= float(r["val_auc"]) <= 1.0 for r in rows)
+    run = load_run(trained_run)
+    model = run.load_model()
+    assert model.input_shape == (None, 224, 224, 1)
+
+
+def _tiny_config(**kw) -> TrainConfig:
+    return TrainConfig(**{"input_size": 32, "epochs": 2, "batch_size": 16, "width": 0.25, **kw})
+
+
+def test_resume_finishes_with_the_same_history_as_an_uninterrupted_run(examples_h5, tmp_path):
+    full = train(examples_h5, tmp_path / "full", _tiny_config())
+    train(examples_h5, tmp_path / "part", _tiny_config(epochs=1))
+    resumed = train(examples_h5, tmp_path / "part", _tiny_config(epochs=2), resume=True)
+    assert resumed.epochs_run == 2
+    for a, b in zip(full.history, resumed.history):
+        assert a["epoch"] == b["epoch"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["val_auc"] == pytest.approx(b["val_auc"], abs=1e-6)
+
+
+def test_existing_run_is_refused_without_resume_or_overwrite(trained_run, examples_h5):
+    with pytest.raises(UsageError, match="--resume"):
+        train(examples_h5, trained_run, _tiny_config())
+
+
+def test_overwrite_keeps_nothing_of_the_old_run_but_loses_nothing_on_failure(examples_h5,
+                                                                             tmp_path):
+    run = tmp_path / "run"
+    train(examples_h5, run, _tiny_config(epochs=1))
+    (run / "marker.txt").write_text("old")
+    train(examples_h5, run, _tiny_config(epochs=1), overwrite=True)
+    assert not (run / "marker.txt").exists()
+    assert (run / "model.keras").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # the backup was removed
+
+
+def test_bad_data_is_a_one_line_error(tmp_path, examples_h5):
+    with pytest.raises(UsageError, match="does not exist"):
+        train(tmp_path / "missing.h5", tmp_path / "r1", _tiny_config())
+    not_dataset = tmp_path / "other.h5"
+    with h5py.File(not_dataset, "w") as h5:
+        h5["x"] = np.zeros(3)
+    with pytest.raises(DatasetError, match="not an xrayfeat dataset"):
+        train(not_dataset, tmp_path / "r2", _tiny_config())
+    with pytest.raises(UsageError, match="larger than"):
+        train(examples_h5, tmp_path / "r3", _tiny_config(input_size=512))
+
+
+def test_dataset_without_validation_images_is_refused(examples_h5, tmp_path):
+    copy = tmp_path / "noval.h5"
+    copy.write_bytes(examples_h5.read_bytes())
+    with h5py.File(copy, "r+") as h5:
+        split = h5["split"].asstr()[:]
+        split[split == "val"] = "train"
+        h5["split"][:] = split.astype(object)
+    with pytest.raises(DatasetError, match="no 'val' images"):
+        train(copy, tmp_path / "r", _tiny_config())
