@@ -19,6 +19,8 @@ HDF5 schema (also in the README):
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import multiprocessing
 import os
@@ -249,8 +251,24 @@ def map_prepare(
         yield from map(_prepare_worker, tasks)
         return
     ctx = multiprocessing.get_context("spawn")
+    # Pool.imap has no back-pressure: workers run ahead of a slower consumer (the HDF5
+    # writer) and finished results pile up in the parent. A window of 2 chunks a worker,
+    # refilled as each is read, bounds memory whatever the number of files.
+    chunks = iter(lambda: list(itertools.islice(tasks, chunksize)), [])
     with ctx.Pool(workers, initializer=_init_worker) as pool:
-        yield from pool.imap(_prepare_worker, tasks, chunksize=chunksize)
+        window = collections.deque(
+            pool.apply_async(_prepare_chunk, (chunk,))
+            for chunk in itertools.islice(chunks, 2 * workers)
+        )
+        while window:
+            done = window.popleft().get()
+            for chunk in itertools.islice(chunks, 1):
+                window.append(pool.apply_async(_prepare_chunk, (chunk,)))
+            yield from done
+
+
+def _prepare_chunk(chunk: list[tuple[int, str, PreprocessSettings]]):
+    return [_prepare_worker(task) for task in chunk]
 
 
 def prepare_dataset(
