@@ -428,13 +428,121 @@ def render_predict(summary) -> None:
 @friendly_errors
 def visualize_layers(
     run: Path = typer.Argument(..., help="Run directory from 'train'."),
-    images: Optional[List[Path]] = typer.Argument(None, help="Radiographs to visualise."),
+    images: Optional[List[Path]] = typer.Argument(None, help="Radiographs (files or folders) "
+                                                  "to visualise."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the PNGs and index.html "
+                             "(refused if not empty, unless --overwrite)."),
+    layers: str = typer.Option("conv", "--layers", help="'conv': every Conv2D layer; 'all': "
+                               "also the activation, batch-norm and pooling outputs."),
+    layer: Optional[List[str]] = typer.Option(None, "--layer", help="Pick a layer by name "
+                                              "(repeatable); overrides --layers."),
+    max_channels: int = typer.Option(64, "--max-channels", help="Channels tiled per grid "
+                                     "(the first N)."),
+    shared_scale: bool = typer.Option(False, "--shared-scale", help="One colour scale across "
+                                      "a layer's channels [default: each channel min-max "
+                                      "scaled on its own]."),
+    cmap: str = typer.Option("viridis", "--cmap", help="Matplotlib colormap of the grids."),
+    filters: bool = typer.Option(False, "--filters", help="Also draw the first conv layer's "
+                                 "learned filters."),
+    cam: str = typer.Option("gradcam", "--cam", help="Heatmap of the overview: gradcam, "
+                            "gradcam++ or scorecam (Grad-CAM is always written too)."),
+    class_name: Optional[str] = typer.Option(None, "--class", help="Explain this class "
+                                             "[default: the predicted class]."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset (.h5) for --contrast."),
+    split: str = typer.Option("val", "--split", help="Split of --data for --contrast."),
+    contrast: bool = typer.Option(False, "--contrast", help="Class contrast over --data "
+                                  "--split: mean maps per class and the channels that differ "
+                                  "most (Cohen's d)."),
+    top_k: int = typer.Option(8, "--top-k", help="Channels per layer in the contrast figures."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward "
+                                             "pass [default: 8, or 64 with --contrast]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out."),
 ) -> None:
     """Export what every layer sees, as PNG grids, overviews and Grad-CAM heatmaps.
 
     [bold]Example:[/] xrayfeat visualize-layers runs/mvgg img.jpeg --out grids/
     """
-    _not_yet("visualize-layers")
+    from xrayfeat.errors import UsageError
+
+    if layers not in ("conv", "all"):
+        raise UsageError(f"--layers must be 'conv' or 'all', got {layers!r}")
+    if contrast or data is not None:
+        if not contrast:
+            raise UsageError("--data is used with --contrast (class contrast over a split)")
+        if data is None:
+            raise UsageError("--contrast needs --data DATA.h5 (and --split, default val)")
+        if images:
+            raise UsageError("--contrast works on --data; visualise single images in a "
+                             "separate call")
+        from xrayfeat.activations import class_contrast
+
+        with _progress() as progress:
+            bar = _Bar(progress, f"contrast {split}")
+            result = class_contrast(run, data, split, out, overwrite=overwrite, top_k=top_k,
+                                    batch_size=batch_size or 64, cmap=cmap,
+                                    on_start=bar.start, on_progress=bar.advance)
+        render_visualize(result)
+        return
+    if not images:
+        raise UsageError("no images given: name one or more radiographs, or use --contrast "
+                         "--data DATA.h5")
+    from xrayfeat.activations import visualize_images
+
+    with _progress() as progress:
+        bar = _Bar(progress, "visualize")
+        result = visualize_images(
+            run, images, out, layers=layer or None, all_layers=layers == "all",
+            max_channels=max_channels, shared_scale=shared_scale, cmap=cmap, filters=filters,
+            cam_method=cam, class_name=class_name, overwrite=overwrite,
+            batch_size=batch_size or 8, on_start=bar.start, on_progress=bar.advance,
+        )
+    render_visualize(result)
+
+
+def render_visualize(result) -> None:
+    """Files written per image (or the top contrast channels), then skipped files."""
+    from rich.markup import escape
+    from rich.text import Text  # file and class names are data, never Rich markup
+
+    if hasattr(result, "comparisons"):  # class contrast
+        counts = escape(", ".join(f"{c} {n}" for c, n in result.counts.items()))
+        table = Table(title=f"{escape(str(result.out))}: class contrast on "
+                      f"{escape(result.split)} ({counts}), "
+                      f"{result.seconds:.1f} s")
+        for name, justify in (("layer", "left"), ("comparison", "left"), ("top channels "
+                              "(Cohen's d)", "left")):
+            table.add_column(name, justify=justify, overflow="fold")
+        groups: dict = {}
+        for r in result.top:
+            groups.setdefault((r.layer, r.comparison), []).append(r)
+        for (layer_name, comparison), rows in groups.items():
+            table.add_row(layer_name, Text(comparison),
+                          ", ".join(f"{r.channel} ({r.cohens_d:+.2f})" for r in rows[:5]))
+        out_console.print(table)
+        for note in result.notes:
+            err_console.print(Text(note))
+        out_console.print(Text(f"{len(result.files)} files; ranked channels in {result.table}; "
+                               f"open {result.index}"), soft_wrap=True)
+        return
+    table = Table(title=f"{escape(str(result.out))}: {len(result.images)} image(s), "
+                  f"{len(result.layers)} layer(s), {result.seconds:.1f} s")
+    table.add_column("image", overflow="fold")
+    table.add_column("predicted")
+    table.add_column("probability")
+    table.add_column("files", justify="right")
+    table.add_column("folder", overflow="fold")
+    for image in result.images:
+        table.add_row(Text(str(image.source)), Text(image.predicted), Text(image.evidence),
+                      str(len(image.files)), Text(str(image.overview.parent)))
+    out_console.print(table)
+    if result.skipped:
+        skipped = Table(title=f"{len(result.skipped)} skipped file(s)")
+        skipped.add_column("path", overflow="fold")
+        skipped.add_column("reason", overflow="fold")
+        for path, reason in result.skipped:
+            skipped.add_row(Text(path), Text(reason))
+        out_console.print(skipped)
+    out_console.print(Text(f"{len(result.files)} files; open {result.index}"), soft_wrap=True)
 
 
 def main() -> None:
