@@ -130,3 +130,11 @@ def test_table_without_out(trained_run):
                                  "--workers", "1"])
     assert result.exit_code == 0, result.output
     assert "NORMAL" in result.output and "predicted 12 file(s)" in result.output
+
+
+def test_gradcam_overlays_one_per_readable_input(trained_run, mixed_folder, tmp_path):
+    cams = tmp_path / "cams"
+    predict(trained_run, [str(mixed_folder)], out=tmp_path / "p.csv", gradcam_dir=cams,
+            workers=1, batch_size=4)
+    written = sorted(p.name for p in cams.iterdir())
+    assert len(written) == 6 and all(n.endswith("_gradcam.png") for n in written)

@@ -17,6 +17,10 @@ from keras import layers
 
 #: Names of the convolutional layers, shallow to deep (width does not change them).
 CONV_LAYERS = ("block1_conv1", "block1_conv2", "block2_conv1", "block2_conv2")
+#: Moving-statistics momentum of BatchNormalization. Keras' 0.99 lags ~100 steps behind the
+#: weights; with ~150 steps an epoch, validation scores of the first epochs collapsed to
+#: chance (measured: val AUC 0.90 then 0.50); 0.9 tracks them within an epoch.
+BN_MOMENTUM = 0.9
 
 
 def build_minivggnet(
@@ -26,12 +30,15 @@ def build_minivggnet(
     stored_size: int | None = None,
     width: float = 1.0,
     channels: int = 1,
+    synchronized_bn: bool = False,
     name: str = "minivggnet",
 ) -> keras.Model:
     """Build an uncompiled MiniVGGNet.
 
     ``stored_size`` is the side of the images the model is fed (the dataset's); they are
     resized to ``input_size`` inside the model. ``width`` multiplies every layer's units.
+    ``synchronized_bn`` shares batch statistics across tf.distribute replicas, so every
+    worker keeps the same moving averages (and so the same validation scores).
     """
     if num_classes < 2:
         raise ValueError("a classifier needs at least two classes")
@@ -49,13 +56,16 @@ def build_minivggnet(
         for conv in (1, 2):
             x = layers.Conv2D(filters, 3, padding="same", name=f"block{block}_conv{conv}")(x)
             x = layers.Activation("relu", name=f"block{block}_relu{conv}")(x)
-            x = layers.BatchNormalization(axis=-1, name=f"block{block}_bn{conv}")(x)
+            x = layers.BatchNormalization(axis=-1, momentum=BN_MOMENTUM,
+                                          synchronized=synchronized_bn,
+                                          name=f"block{block}_bn{conv}")(x)
         x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
         x = layers.Dropout(0.25, name=f"block{block}_dropout")(x)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(dense, name="fc1")(x)
     x = layers.Activation("relu", name="fc1_relu")(x)
-    x = layers.BatchNormalization(axis=-1, name="fc1_bn")(x)
+    x = layers.BatchNormalization(axis=-1, momentum=BN_MOMENTUM,
+                                  synchronized=synchronized_bn, name="fc1_bn")(x)
     x = layers.Dropout(0.5, name="fc1_dropout")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="predictions")(x)
     return keras.Model(inputs, outputs, name=name)

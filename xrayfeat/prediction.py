@@ -219,20 +219,26 @@ def predict_files(
         threshold = 0.5
     model = run.load_model()
     settings = run.preprocess
+    stems = None
+    if gradcam_dir is not None:
+        from xrayfeat.activations import unique_stems, write_gradcam_overlays
 
-    def flush(batch: list[tuple[Path, object, str | None]]) -> list[dict]:
-        ok = [(p, prep) for p, prep, err in batch if err is None]
+        stems = unique_stems(paths)  # unique over all inputs, not just one batch
+
+    def flush(batch: list[tuple[int, Path, object, str | None]]) -> list[dict]:
+        ok = [(i, p, prep) for i, p, prep, err in batch if err is None]
         probs = np.zeros((0, len(classes)))
         if ok:
-            x = np.stack([prep.image for _, prep in ok])[..., None].astype(np.float32)
+            x = np.stack([prep.image for _, _, prep in ok])[..., None].astype(np.float32)
             probs = np.asarray(model.predict_on_batch(x), dtype=np.float64)
-            if gradcam_dir is not None:
-                from xrayfeat.activations import write_gradcam_overlays
-
-                write_gradcam_overlays(model, [p for p, _ in ok], x, gradcam_dir)
         labels, reported = decide(probs, classes, threshold) if ok else ([], [])
+        if ok and stems is not None:
+            # Explain the label predict reports (the threshold decides, not the argmax).
+            write_gradcam_overlays(model, [p for _, p, _ in ok], x, gradcam_dir,
+                                   class_indices=labels, class_names=classes,
+                                   stems=[stems[i] for i, _, _ in ok])
         rows, k = [], 0
-        for path, prep, err in batch:
+        for _, path, prep, err in batch:
             row = {"path": str(path)}
             if err is None:
                 row.update(label=classes[labels[k]], probability=round(float(reported[k]), 6))
@@ -249,7 +255,7 @@ def predict_files(
 
     batch: list = []
     for index, prepared, error in map_prepare(paths, settings, workers, chunksize=4):
-        batch.append((paths[index], prepared, error))
+        batch.append((index, paths[index], prepared, error))
         if len(batch) == batch_size:
             yield flush(batch)
             batch = []
@@ -281,6 +287,8 @@ def predict(
         raise UsageError(f"--threshold must be between 0 and 1, got {threshold}")
     if skip_done and out is None:
         raise UsageError("--skip-done needs --out (the output it resumes)")
+    if skip_done and fmt == "json":
+        raise UsageError("--skip-done needs an appendable output: use .csv or .jsonl")
     if out is not None and out.exists() and out.is_dir():
         raise UsageError(f"--out {out} is a folder; give a file name such as preds.csv")
     paths = [p for p in expand_inputs(inputs) if in_shard(p, parse_shard(shard))]

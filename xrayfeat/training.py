@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -82,6 +83,21 @@ def class_weights(labels: np.ndarray, n_classes: int) -> dict[int, float]:
         missing = [i for i in range(n_classes) if counts[i] == 0]
         raise DatasetError(f"the train split has no images of class index {missing}")
     return {i: float(len(labels) / (n_classes * counts[i])) for i in range(n_classes)}
+
+
+def predict_local(model, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    """Class probabilities computed in this process only.
+
+    ``model.predict`` under a multi-worker strategy splits the images across workers, so
+    each would score a different subset and they could disagree on the best epoch (and
+    deadlock). Calling the model on local batches gives every worker the same numbers.
+    """
+    import tensorflow as tf
+
+    forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    out = [forward(tf.constant(images[i : i + batch_size], tf.float32)).numpy()
+           for i in range(0, len(images), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, model.output_shape[-1]), np.float32)
 
 
 def val_auc(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -237,8 +253,7 @@ def make_train_dataset(info: DatasetInfo, config: TrainConfig, initial_epoch: in
 
 
 def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
-                 config: TrainConfig, state: dict, is_chief: bool,
-                 reporter: TrainReporter | None):
+                 config: TrainConfig, state: dict, reporter: TrainReporter | None):
     import keras
 
     class RunKeeper(keras.callbacks.Callback):
@@ -263,7 +278,7 @@ def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
-            probs = self.model.predict(val_images, batch_size=128, verbose=0)
+            probs = predict_local(self.model, val_images)
             auc = val_auc(val_labels, probs)
             eps = 1e-7
             val_loss = float(-np.mean(np.log(np.clip(
@@ -277,9 +292,8 @@ def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
             improved = auc > state["best_val_auc"] + 1e-4
             if improved:
                 state.update(best_val_auc=auc, best_epoch=epoch + 1, wait=0, lr_wait=0)
-                if is_chief:
-                    with atomic_output(out / MODEL_FILE) as tmp:
-                        self.model.save(tmp)
+                with atomic_output(out / MODEL_FILE) as tmp:
+                    self.model.save(tmp)
             else:
                 state["wait"] += 1
                 state["lr_wait"] += 1
@@ -291,11 +305,10 @@ def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
                     self.model.stop_training = True
                     state["stopped_early"] = True
             state["epoch"] = epoch + 1
-            if is_chief:
-                with atomic_output(out / LAST_FILE) as tmp:
-                    self.model.save(tmp)  # with optimizer state, for --resume
-                _write_history(out / HISTORY_FILE, state["history"])
-                write_json(out / STATE_FILE, state)  # last: it says last.keras is complete
+            with atomic_output(out / LAST_FILE) as tmp:
+                self.model.save(tmp)  # with optimizer state, for --resume
+            _write_history(out / HISTORY_FILE, state["history"])
+            write_json(out / STATE_FILE, state)  # last: it says last.keras is complete
             if reporter:
                 reporter.on_epoch_end(epoch + 1, row)
 
@@ -314,24 +327,82 @@ def _write_history(path: Path, rows: list[dict[str, float]]) -> None:
 # --- strategy --------------------------------------------------------------------------------
 
 
+def is_chief_worker(strategy: str) -> bool:
+    """Whether this process writes the run: always, except a non-chief multi-worker task."""
+    if strategy != "multi-worker":
+        return True
+    try:
+        tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+    except ValueError:
+        raise UsageError("TF_CONFIG is not valid JSON") from None
+    if not tf_config.get("cluster"):
+        raise UsageError("--strategy multi-worker needs TF_CONFIG describing the cluster")
+    task = tf_config.get("task", {})
+    if "chief" in tf_config["cluster"]:
+        return task.get("type") == "chief"
+    return task.get("type") == "worker" and int(task.get("index", 0)) == 0
+
+
 def make_strategy(name: str):
-    """The tf.distribute strategy for ``--strategy`` and whether this process is the chief."""
+    """The tf.distribute strategy for ``--strategy``."""
     import tensorflow as tf
 
     if name == "multi-worker":
-        tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
-        if not tf_config.get("cluster"):
-            raise UsageError("--strategy multi-worker needs TF_CONFIG describing the cluster")
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        task = tf_config.get("task", {})
-        has_chief = "chief" in tf_config["cluster"]
-        is_chief = task.get("type") == "chief" or (
-            not has_chief and task.get("type") == "worker" and int(task.get("index", 0)) == 0)
-        return strategy, is_chief
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if name == "mirrored" or (name == "auto" and len(gpus) > 1):
-        return tf.distribute.MirroredStrategy(), True
-    return tf.distribute.get_strategy(), True
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def fit_multi_worker(model, strategy, train_ds, steps: int, config: TrainConfig,
+                     initial_epoch: int, callbacks: list) -> None:
+    """The training loop for MultiWorkerMirroredStrategy.
+
+    Keras 3's ``model.fit`` does not run under MultiWorkerMirroredStrategy (it fails on
+    per-replica values; keras-team/keras#20585), so the multi-worker path steps the model
+    itself with ``strategy.run`` and drives the same callbacks ``fit`` would.
+    """
+    import keras
+    import tensorflow as tf
+
+    dist_ds = strategy.experimental_distribute_dataset(train_ds)
+    optimizer = model.optimizer
+
+    def replica_step(x, y, w):
+        with tf.GradientTape() as tape:
+            probs = model(x, training=True)
+            per_example = keras.losses.categorical_crossentropy(y, probs) * w
+            # Scale by the global batch so gradients summed across replicas are a mean.
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=config.batch_size)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    @tf.function
+    def train_step(iterator):
+        x, y, w = next(iterator)
+        losses = strategy.run(replica_step, args=(x, y, w))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+
+    for callback in callbacks:
+        callback.set_model(model)
+    model.stop_training = False
+    iterator = iter(dist_ds)
+    for epoch in range(initial_epoch, config.epochs):
+        for callback in callbacks:
+            callback.on_epoch_begin(epoch)
+        total = 0.0
+        for batch in range(steps):
+            loss = float(train_step(iterator))
+            total += loss
+            for callback in callbacks:
+                callback.on_train_batch_end(batch, {"loss": loss})
+        logs = {"loss": total / steps}
+        for callback in callbacks:
+            callback.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
 
 
 # --- the command -----------------------------------------------------------------------------
@@ -347,10 +418,24 @@ def train(
     reporter: TrainReporter | None = None,
 ) -> TrainResult:
     """Train (or resume) a run in ``out`` from a prepared dataset or a raw class folder."""
-    started = time.perf_counter()
     data, out = Path(data), Path(out)
     if not data.exists():
         raise UsageError(f"{data} does not exist")
+    if is_chief_worker(config.strategy):
+        return _train(data, out, config, resume=resume, overwrite=overwrite, reporter=reporter)
+    # Every worker saves (all must take part in each step), but only the chief into --out:
+    # the others write into a private folder that is removed at the end.
+    private = Path(tempfile.mkdtemp(prefix="xrayfeat-worker-"))
+    try:
+        return _train(data, private / "run", config, resume=False, overwrite=False,
+                      reporter=reporter)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _train(data: Path, out: Path, config: TrainConfig, *, resume: bool, overwrite: bool,
+           reporter: TrainReporter | None) -> TrainResult:
+    started = time.perf_counter()
     if resume:
         _check_out(out, resume=True, overwrite=False)
         saved = read_json(out / CONFIG_FILE)
@@ -381,7 +466,7 @@ def train(
     from xrayfeat.model import build_minivggnet
 
     keras.utils.set_random_seed(config.seed)
-    strategy, is_chief = make_strategy(config.strategy)
+    strategy = make_strategy(config.strategy)
     val = load_split(info.path, "val")
     train_labels = load_split(info.path, "train", with_images=False).labels
     if len(np.unique(val.labels)) < 2:
@@ -414,7 +499,8 @@ def train(
             model = keras.models.load_model(out / LAST_FILE, safe_mode=True)
         else:
             model = build_minivggnet(n_classes, input_size=config.input_size,
-                                     stored_size=info.size, width=config.width)
+                                     stored_size=info.size, width=config.width,
+                                     synchronized_bn=strategy.num_replicas_in_sync > 1)
             model.compile(
                 optimizer=keras.optimizers.AdamW(config.lr, weight_decay=config.weight_decay),
                 loss=keras.losses.CategoricalCrossentropy(),
@@ -422,17 +508,19 @@ def train(
     train_ds, steps = make_train_dataset(info, config, state["epoch"], weights, n_classes)
     if reporter:
         reporter.on_train_start(config.epochs, state["epoch"], steps)
-    callbacks = [_make_keeper(out, val.images[..., None], val.labels, config, state, is_chief,
-                              reporter)]
+    callbacks = [_make_keeper(out, val.images[..., None], val.labels, config, state, reporter)]
     if config.tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(config.tensorboard))
     already_stopped = state.get("stopped_early", False)
     if state["epoch"] < config.epochs and not already_stopped:
-        model.fit(train_ds, epochs=config.epochs, initial_epoch=state["epoch"],
-                  steps_per_epoch=steps, callbacks=callbacks, verbose=0, shuffle=False)
+        if config.strategy == "multi-worker":
+            fit_multi_worker(model, strategy, train_ds, steps, config, state["epoch"], callbacks)
+        else:
+            model.fit(train_ds, epochs=config.epochs, initial_epoch=state["epoch"],
+                      steps_per_epoch=steps, callbacks=callbacks, verbose=0, shuffle=False)
 
-    result = _finish(out, info, val, state, is_chief, started)
-    if backup is not None and is_chief:
+    result = _finish(out, info, val, state, started)
+    if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
     return result
 
@@ -444,24 +532,22 @@ def _roi_settings(path: Path) -> dict:
         return json.loads(h5.attrs.get("roi_settings", "{}"))
 
 
-def _finish(out: Path, info: DatasetInfo, val, state: dict, is_chief: bool,
-            started: float) -> TrainResult:
+def _finish(out: Path, info: DatasetInfo, val, state: dict, started: float) -> TrainResult:
     """Threshold and metrics of the best model on validation; training curves."""
     from xrayfeat.evaluation import evaluate_predictions, youden_threshold
     from xrayfeat.runs import load_model_safely
 
     model = load_model_safely(out / MODEL_FILE)
-    probs = model.predict(val.images[..., None], batch_size=128, verbose=0)
+    probs = predict_local(model, val.images[..., None])
     threshold = youden_threshold(val.labels, probs[:, 1]) if probs.shape[1] == 2 else None
     metrics = evaluate_predictions(val.labels, probs, info.classes, threshold=threshold,
                                    groups=val.patients, n_boot=0)
     validation = {"threshold": threshold, "threshold_method": "youden_j_on_validation",
                   "best_epoch": state["best_epoch"], "metrics": metrics}
-    if is_chief:
-        write_json(out / VALIDATION_FILE, validation)
-        from xrayfeat.figures import plot_training_curves
+    write_json(out / VALIDATION_FILE, validation)
+    from xrayfeat.figures import plot_training_curves
 
-        plot_training_curves(state["history"], out / CURVES_FILE)
+    plot_training_curves(state["history"], out / CURVES_FILE)
     return TrainResult(run=out, best_epoch=state["best_epoch"],
                        best_val_auc=state["best_val_auc"], epochs_run=state["epoch"],
                        threshold=threshold, validation=metrics,
