@@ -113,17 +113,15 @@ def find_roi(image: np.ndarray, settings: RoiSettings = RoiSettings()) -> Roi:
         image = cv2.normalize(image.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(
             np.uint8
         )
-    content = _content_box(image, settings.uniform_std)
-    cx0, cy0, cx1, cy1 = content
-    crop = image[cy0:cy1, cx0:cx1]
-    scale = WORK_SIDE / max(crop.shape)
-    work = crop
-    if scale < 1:
-        work = cv2.resize(crop, (max(8, round(crop.shape[1] * scale)),
-                                 max(8, round(crop.shape[0] * scale))),
-                          interpolation=cv2.INTER_AREA)
-    else:
-        scale = 1.0
+    # Everything is measured on one small copy: the source can be 3000 px a side, and
+    # borders and lung shapes need no more than WORK_SIDE pixels.
+    scale = min(1.0, WORK_SIDE / max(h, w))
+    small = image if scale == 1.0 else cv2.resize(
+        image, (max(8, round(w * scale)), max(8, round(h * scale))), interpolation=cv2.INTER_AREA)
+    sx0, sy0, sx1, sy1 = _content_box(small, settings.uniform_std)
+    work = small[sy0:sy1, sx0:sx1]
+    content = (sx0 / scale, sy0 / scale, min(w, sx1 / scale), min(h, sy1 / scale))
+    cx0, cy0 = content[0], content[1]
     lungs = _lung_box(work)
     if lungs is None:
         fx0, fy0, fx1, fy1 = _centred(content, settings.fallback_fraction)
