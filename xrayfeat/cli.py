@@ -7,6 +7,7 @@ Results go to stdout, progress and messages to stderr.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -15,10 +16,12 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from xrayfeat import __version__
-from xrayfeat.errors import EXIT_INTERRUPTED, NotAvailableError, XrayfeatError
+from xrayfeat.errors import EXIT_INTERRUPTED, EXIT_USAGE, NotAvailableError, XrayfeatError
 
 app = typer.Typer(
     name="xrayfeat",
@@ -49,6 +52,16 @@ def _root(
     _state["debug"] = debug
 
 
+#: OS errors that describe the machine, not a bug: one line with what to do, exit 2.
+_MACHINE_ERRNOS = {
+    errno.ENOSPC: "free some space or write to another disk",
+    errno.EDQUOT: "free some space or write to another disk",
+    errno.EROFS: "write to another folder",
+    errno.EACCES: "check the permissions, or write to another folder",
+    errno.EPERM: "check the permissions, or write to another folder",
+}
+
+
 def friendly_errors(command: Callable) -> Callable:
     """Turn the core's exceptions into one line on stderr and a documented exit code."""
 
@@ -59,7 +72,9 @@ def friendly_errors(command: Callable) -> Callable:
         except XrayfeatError as exc:
             if _state["debug"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escape: paths are data ("scan [1].png"), never Rich markup
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
+                              soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: partial outputs were removed")
@@ -69,8 +84,16 @@ def friendly_errors(command: Callable) -> Callable:
         except Exception as exc:  # a bug: say so in one line, traceback only with --debug
             if _state["debug"]:
                 raise
+            if isinstance(exc, OSError) and exc.errno in _MACHINE_ERRNOS:
+                # A full disk or a read-only folder is the machine's state, not a bug.
+                where = f"{exc.filename}: " if exc.filename else ""
+                err_console.print(
+                    f"[bold red]error:[/] {escape(where)}{os.strerror(exc.errno)} "
+                    f"({_MACHINE_ERRNOS[exc.errno]})", highlight=False, soft_wrap=True)
+                raise typer.Exit(EXIT_USAGE) from None
+            first_line = (str(exc).splitlines() or [""])[0]
             err_console.print(
-                f"[bold red]internal error:[/] {type(exc).__name__}: {exc} "
+                f"[bold red]internal error:[/] {type(exc).__name__}: {escape(first_line)} "
                 "(run with --debug for the traceback, and please report it)",
                 highlight=False, soft_wrap=True,
             )
@@ -83,7 +106,15 @@ def _progress():
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
-    return Progress(
+    class _ErrorClearsProgress(Progress):
+        """On an error the bar is cleared, so the one-line message stands alone."""
+
+        def __exit__(self, exc_type, exc, tb):
+            if exc_type is not None:
+                self.live.transient = True
+            return super().__exit__(exc_type, exc, tb)
+
+    return _ErrorClearsProgress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("[cyan]{task.fields[rate]}"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
@@ -141,14 +172,14 @@ def prepare(
 
 def render_prepare(result) -> None:
     """Summary table of a prepare run: images per split and class, then skipped files."""
-    table = Table(title=f"{result.out}  ({result.seconds:.1f} s)")
+    table = Table(title=f"{escape(str(result.out))}  ({result.seconds:.1f} s)")
     table.add_column("split")
     for name in result.classes:
         table.add_column(name, justify="right")
     table.add_column("total", justify="right")
     for split, per_class in result.counts.items():
         note = " (cut from train by patient)" if split == "val" and result.val_cut_from_train else ""
-        table.add_row(split + note, *(str(per_class[c]) for c in result.classes),
+        table.add_row(Text(split + note), *(str(per_class[c]) for c in result.classes),
                       str(sum(per_class.values())))
     out_console.print(table)
     if result.skipped:
@@ -156,7 +187,7 @@ def render_prepare(result) -> None:
         skipped.add_column("path", overflow="fold")
         skipped.add_column("reason", overflow="fold")
         for path, reason in result.skipped:
-            skipped.add_row(path, reason)
+            skipped.add_row(Text(path), Text(reason))
         out_console.print(skipped)
     if result.ignored:
         err_console.print(f"{result.ignored} file(s) without an image extension were ignored")
@@ -259,7 +290,8 @@ def render_train(result, json_out: bool) -> None:
                           "threshold": result.threshold, "seconds": result.seconds,
                           "validation": m}, default=str))
         return
-    table = Table(title=f"{result.run}: best epoch {result.best_epoch} of {result.epochs_run}"
+    table = Table(title=f"{escape(str(result.run))}: best epoch {result.best_epoch} of "
+                  f"{result.epochs_run}"
                   f"{' (stopped early)' if result.stopped_early else ''}, "
                   f"{result.seconds / 60:.1f} min")
     table.add_column("validation metric")
@@ -314,22 +346,22 @@ def render_evaluate(result, json_out: bool) -> None:
     import json
 
     for notice in result.notices:
-        err_console.print(f"[yellow]notice:[/] {notice}", highlight=False)
+        err_console.print(f"[yellow]notice:[/] {escape(notice)}", highlight=False)
     if result.left_out:
         err_console.print(f"[yellow]{len(result.left_out)} file(s) could not be read and were "
                           "left out of the metrics:[/]", highlight=False)
         for path, reason in result.left_out:
-            err_console.print(f"  {path}: {reason}", highlight=False, soft_wrap=True)
+            err_console.print(Text(f"  {path}: {reason}"), highlight=False, soft_wrap=True)
     if json_out:
         reports = result.reports
         obj = next(iter(reports.values())) if len(reports) == 1 else {"runs": reports}
         print(json.dumps(obj, default=float))
         return
-    table = Table(title=f"{result.data} [{result.split}]"
+    table = Table(title=f"{escape(str(result.data))} \\[{escape(result.split)}]"
                   + (f", {len(result.left_out)} file(s) left out" if result.left_out else ""))
     table.add_column("metric")
     for name in result.reports:
-        table.add_column(name, justify="right")
+        table.add_column(Text(name), justify="right")
     first = next(iter(result.reports.values()))
     if "per_class" in first:  # N > 2 classes
         rows = [("accuracy", lambda r: r["accuracy"]),
@@ -357,8 +389,8 @@ def render_evaluate(result, json_out: bool) -> None:
             for r in result.reports.values()))
     out_console.print(table)
     if result.files:
-        err_console.print(f"wrote {len(result.files)} file(s) to "
-                          f"{Path(result.files[0]).parent}", highlight=False)
+        err_console.print(Text(f"wrote {len(result.files)} file(s) to "
+                               f"{Path(result.files[0]).parent}"), highlight=False)
 
 
 @app.command()
@@ -408,17 +440,18 @@ def render_predict(summary) -> None:
             table.add_column(name, overflow="fold")
         for row in summary.rows:
             prob = row["probability"]
-            table.add_row(row["path"], row["label"],
-                          f"{prob:.4f}" if isinstance(prob, float) else "", row["error"])
+            table.add_row(Text(row["path"]), Text(row["label"]),
+                          f"{prob:.4f}" if isinstance(prob, float) else "", Text(row["error"]))
         out_console.print(table)
         if summary.predicted + summary.errors > len(summary.rows):
             err_console.print(f"(first {len(summary.rows)} rows shown; use --out for all)")
-    counts = ", ".join(f"{c}: {n}" for c, n in summary.per_class.items())
-    where = f" -> {summary.out}" if summary.out else ""
+    counts = escape(", ".join(f"{c}: {n}" for c, n in summary.per_class.items()))
+    where = f" -> {escape(str(summary.out))}" if summary.out else ""
     err_console.print(f"predicted {summary.predicted} file(s) in {summary.seconds:.1f} s "
                       f"({counts}){where}", highlight=False)
     if summary.skipped_done:
-        err_console.print(f"{summary.skipped_done} file(s) already in {summary.out} were skipped")
+        err_console.print(f"{summary.skipped_done} file(s) already in {escape(str(summary.out))} "
+                          "were skipped")
     if summary.errors:
         err_console.print(f"[yellow]{summary.errors} file(s) could not be read[/]; "
                           "see the error column", highlight=False)
@@ -448,44 +481,87 @@ def visualize_layers(
                             "gradcam++ or scorecam (Grad-CAM is always written too)."),
     class_name: Optional[str] = typer.Option(None, "--class", help="Explain this class "
                                              "[default: the predicted class]."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Dataset (.h5) for --contrast."),
-    split: str = typer.Option("val", "--split", help="Split of --data for --contrast."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset (.h5) for --contrast "
+                                        "and --probe."),
+    split: str = typer.Option("val", "--split", help="Split of --data for --contrast and "
+                              "--probe."),
     contrast: bool = typer.Option(False, "--contrast", help="Class contrast over --data "
                                   "--split: mean maps per class and the channels that differ "
                                   "most (Cohen's d)."),
     top_k: int = typer.Option(8, "--top-k", help="Channels per layer in the contrast figures."),
+    probe: bool = typer.Option(False, "--probe", help="Depth analysis over --data --split: a "
+                               "linear probe per layer, ROC AUC with patient-grouped "
+                               "cross-validation, for the trained and a random-weights model "
+                               "(probes.json, probes.png)."),
+    pool: str = typer.Option("avg", "--pool", help="How --probe pools a layer's maps to one "
+                             "number per channel: avg or max."),
+    pool_grid: int = typer.Option(1, "--pool-grid", help="--probe pools over an N x N grid "
+                                  "of cells (N*N numbers per channel) [default: 1, global]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward "
-                                             "pass [default: 8, or 64 with --contrast]."),
+                                             "pass [default: 8, or 64 with --contrast or "
+                                             "--probe]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out."),
 ) -> None:
     """Export what every layer sees, as PNG grids, overviews and Grad-CAM heatmaps.
 
     [bold]Example:[/] xrayfeat visualize-layers runs/mvgg img.jpeg --out grids/
+
+    Over a dataset split: --contrast (what each class activates) and --probe (at which
+    depth the classes separate: xrayfeat visualize-layers runs/mvgg --data data.h5 --split
+    val --probe --out probes/).
     """
     from xrayfeat.errors import UsageError
 
     if layers not in ("conv", "all"):
         raise UsageError(f"--layers must be 'conv' or 'all', got {layers!r}")
-    if contrast or data is not None:
-        if not contrast:
-            raise UsageError("--data is used with --contrast (class contrast over a split)")
-        if data is None:
-            raise UsageError("--contrast needs --data DATA.h5 (and --split, default val)")
-        if images:
-            raise UsageError("--contrast works on --data; visualise single images in a "
-                             "separate call")
-        from xrayfeat.activations import class_contrast
+    if not probe and (pool != "avg" or pool_grid != 1):
+        raise UsageError("--pool and --pool-grid set how --probe pools; add --probe")
+    if probe and pool not in ("avg", "max"):
+        raise UsageError(f"--pool must be avg or max, got {pool!r}")
+    if probe:
+        from xrayfeat.probes import MAX_GRID
 
-        with _progress() as progress:
-            bar = _Bar(progress, f"contrast {split}")
-            result = class_contrast(run, data, split, out, overwrite=overwrite, top_k=top_k,
-                                    batch_size=batch_size or 64, cmap=cmap,
-                                    on_start=bar.start, on_progress=bar.advance)
-        render_visualize(result)
+        if not 1 <= pool_grid <= MAX_GRID:
+            raise UsageError(f"--pool-grid must be between 1 and {MAX_GRID}, got {pool_grid}")
+    if contrast or probe or data is not None:
+        mode = "--contrast" if contrast else "--probe" if probe else None
+        if mode is None:
+            raise UsageError("--data is used with --contrast (class contrast over a split) "
+                             "or --probe (linear probes per layer)")
+        if data is None:
+            raise UsageError(f"{mode} needs --data DATA.h5 (and --split, default val)")
+        if images:
+            raise UsageError(f"{mode} works on --data; visualise single images in a "
+                             "separate call")
+        if contrast:
+            from xrayfeat.activations import class_contrast
+
+            with _progress() as progress:
+                bar = _Bar(progress, f"contrast {split}")
+                result = class_contrast(run, data, split, out, overwrite=overwrite, top_k=top_k,
+                                        batch_size=batch_size or 64, cmap=cmap,
+                                        on_start=bar.start, on_progress=bar.advance)
+            render_visualize(result)
+        if probe:
+            from xrayfeat.probes import depth_probes
+
+            with _progress() as progress:
+                bar, fits = _Bar(progress, f"probe {split}"), []
+
+                def fit_start(n: int) -> None:  # counts layers, not images: no img/s
+                    fits.append(progress.add_task("fit probes", total=n, rate=""))
+
+                result = depth_probes(run, data, split, out, pool=pool, grid=pool_grid,
+                                      batch_size=batch_size or 64,
+                                      overwrite=overwrite or contrast,  # contrast made --out
+                                      on_start=bar.start, on_progress=bar.advance,
+                                      on_fit_start=fit_start,
+                                      on_fit=lambda n: progress.advance(fits[0], n))
+            render_probes(result)
         return
     if not images:
         raise UsageError("no images given: name one or more radiographs, or use --contrast "
-                         "--data DATA.h5")
+                         "or --probe with --data DATA.h5")
     from xrayfeat.activations import visualize_images
 
     with _progress() as progress:
@@ -543,6 +619,38 @@ def render_visualize(result) -> None:
             skipped.add_row(Text(path), Text(reason))
         out_console.print(skipped)
     out_console.print(Text(f"{len(result.files)} files; open {result.index}"), soft_wrap=True)
+
+
+def render_probes(result) -> None:
+    """One row per probed layer: depth, feature size, AUC of the trained and random model."""
+    from rich.markup import escape
+    from rich.text import Text  # layer and class names are data, never Rich markup
+
+    counts = escape(", ".join(f"{c} {n}" for c, n in result.counts.items()))
+    table = Table(title=f"{escape(str(result.out))}: linear probes on {escape(result.split)} "
+                  f"({counts}; {result.patients} patients); {result.metric}, mean ± sd over "
+                  f"{result.folds} patient-grouped folds; {result.seconds:.1f} s")
+    table.add_column("layer", overflow="fold")
+    table.add_column("depth", justify="right")
+    table.add_column("features", justify="right")
+    table.add_column("AUC trained", justify="right")
+    if result.baseline:
+        table.add_column("AUC random weights", justify="right")
+    for r in result.rows:
+        cells = [Text(r.layer), str(r.depth), str(r.features), f"{r.auc_mean:.3f} ± {r.auc_sd:.3f}"]
+        if result.baseline:
+            cells.append("-" if r.random_auc_mean is None
+                         else f"{r.random_auc_mean:.3f} ± {r.random_auc_sd:.3f}")
+        table.add_row(*cells)
+    out_console.print(table)
+    for note in result.notes:
+        err_console.print(Text(note))
+    best = result.best()
+    gain = ("" if best.random_auc_mean is None
+            else f", {best.auc_mean - best.random_auc_mean:+.3f} over random weights")
+    out_console.print(Text(f"best hidden layer: {best.layer} (depth {best.depth}), AUC "
+                           f"{best.auc_mean:.3f}{gain}; {result.summary}, {result.figure}"),
+                      soft_wrap=True)
 
 
 def main() -> None:

@@ -628,3 +628,67 @@ def plot_top_channels(
         axes[i, 2].set_title(f"difference (+-{m:.2g})\n{labels[0]} - {labels[1]}", fontsize=8)
     fig.suptitle(title, fontsize=10)
     return atomic_savefig(fig, path)
+
+
+# --------------------------------------------------------------------------- depth probes
+
+def plot_probe_auc(
+    rows: Sequence[tuple[str, int, float, float, float | None, float | None]],
+    path: str | os.PathLike[str],
+    *,
+    title: str,
+    ylabel: str = "probe ROC AUC (held-out folds)",
+    chance: float | None = 0.5,
+) -> Path:
+    """Linear-probe AUC against depth: one point per layer, shallow to deep.
+
+    ``rows`` holds ``(layer, depth, auc_mean, auc_sd, random_mean, random_sd)``; the random
+    pair may be ``None`` (no baseline). The trained model is a solid line with a +-SD band,
+    the random-weights baseline a grey one; ``chance`` is a dashed horizontal line.
+    Alternate shaded bands mark the depths; the x axis names every layer.
+    """
+    n = len(rows)
+    x = np.arange(n)
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.42 * n + 2.5), 4.8), layout="constrained")
+    depths = [int(r[1]) for r in rows]
+    start = 0
+    for i in range(1, n + 1):  # one band per run of equal depth
+        if i == n or depths[i] != depths[start]:
+            if depths[start] % 2 == 0:
+                ax.axvspan(start - 0.5, i - 0.5, color="0.93", zorder=0, lw=0)
+            ax.text((start + i - 1) / 2, 1.0, f"d{depths[start]}", ha="center", va="bottom",
+                    fontsize=8, color="0.35", transform=ax.get_xaxis_transform())
+            start = i
+
+    def series(mean_i: int, sd_i: int):
+        m = np.array([np.nan if r[mean_i] is None else r[mean_i] for r in rows], float)
+        s = np.array([np.nan if r[sd_i] is None else r[sd_i] for r in rows], float)
+        return m, s
+
+    values = []
+    baseline, bsd = series(4, 5)
+    if np.isfinite(baseline).any():
+        ax.fill_between(x, baseline - bsd, baseline + bsd, color="0.6", alpha=0.25, lw=0)
+        ax.plot(x, baseline, "s-", color="0.45", ms=4, lw=1.3,
+                label="same architecture, random weights")
+        values += list(baseline[np.isfinite(baseline)] - bsd[np.isfinite(baseline)])
+    trained, tsd = series(2, 3)
+    ax.fill_between(x, trained - tsd, trained + tsd, color="C0", alpha=0.2, lw=0)
+    ax.plot(x, trained, "o-", color="C0", ms=5, lw=1.8, label="trained model")
+    values += list(trained[np.isfinite(trained)] - tsd[np.isfinite(trained)])
+    if chance is not None:
+        ax.axhline(chance, color="k", ls="--", lw=1.0, label=f"chance ({chance:g})")
+        values.append(chance)
+    low = min(values) if values else 0.0
+    ax.set_ylim(max(0.0, min(0.45, np.floor((low - 0.02) * 20) / 20)), 1.005)
+    ax.set_xlim(-0.5, n - 0.5)
+    ax.set_xticks(x, [str(r[0]) for r in rows], rotation=55, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel("layer, shallow to deep (d = depth: conv and dense layers so far)")
+    ax.grid(axis="y", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: labels[i] != "trained model")
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], loc="lower right",
+              fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return atomic_savefig(fig, path)
