@@ -690,7 +690,7 @@ def _images_html(result: VisualizeResult, shared_scale: bool, cmap: str) -> str:
     out = result.out
     scale = ("one scale shared by all channels of a layer (colour bar in activation units)"
              if shared_scale else "each channel min-max scaled on its own")
-    body = [f"<h1>xrayfeat visualize-layers</h1>",
+    body = ["<h1>xrayfeat visualize-layers</h1>",
             f"<p>Run <code>{html.escape(str(result.run))}</code>; {len(result.images)} image(s). "
             f"Channel grids: {html.escape(scale)}, colormap <code>{html.escape(cmap)}</code>. "
             f"CAMs: {CAM_TITLES[result.cam_method]} at the last conv layer, scaled to [0, 1] per "
@@ -834,7 +834,7 @@ def class_contrast(
     """
     from xrayfeat.dataset import iter_split, open_dataset
     from xrayfeat.figures import plot_class_means, plot_top_channels
-    from xrayfeat.runs import load_run
+    from xrayfeat.runs import check_dataset_matches, load_run
 
     started = time.perf_counter()
     out = Path(out)
@@ -847,13 +847,7 @@ def class_contrast(
     info = open_dataset(data)
     total = info.require_split(split)
     classes = run.classes
-    if [c.casefold() for c in info.classes] != [c.casefold() for c in classes]:
-        raise UsageError(f"{data} has classes {', '.join(info.classes)} but the run was trained "
-                         f"on {', '.join(classes)}")
-    if info.size != run.preprocess.size:
-        raise UsageError(f"{data} stores {info.size} px images but the run takes "
-                         f"{run.preprocess.size} px; prepare the data with --size "
-                         f"{run.preprocess.size}")
+    check_dataset_matches(run, info)
     model = run.load_model()
     convs = conv_layers(model)
     if not convs:

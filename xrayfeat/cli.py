@@ -170,6 +170,18 @@ def prepare(
     render_prepare(result)
 
 
+def _print_skipped(skipped: list[tuple[str, str]]) -> None:
+    """A table of files that were skipped, with the reason for each."""
+    if not skipped:
+        return
+    table = Table(title=f"{len(skipped)} skipped file(s)")
+    table.add_column("path", overflow="fold")
+    table.add_column("reason", overflow="fold")
+    for path, reason in skipped:
+        table.add_row(Text(str(path)), Text(reason))
+    out_console.print(table)
+
+
 def render_prepare(result) -> None:
     """Summary table of a prepare run: images per split and class, then skipped files."""
     table = Table(title=f"{escape(str(result.out))}  ({result.seconds:.1f} s)")
@@ -182,13 +194,7 @@ def render_prepare(result) -> None:
         table.add_row(Text(split + note), *(str(per_class[c]) for c in result.classes),
                       str(sum(per_class.values())))
     out_console.print(table)
-    if result.skipped:
-        skipped = Table(title=f"{len(result.skipped)} skipped file(s)")
-        skipped.add_column("path", overflow="fold")
-        skipped.add_column("reason", overflow="fold")
-        for path, reason in result.skipped:
-            skipped.add_row(Text(path), Text(reason))
-        out_console.print(skipped)
+    _print_skipped(result.skipped)
     if result.ignored:
         err_console.print(f"{result.ignored} file(s) without an image extension were ignored")
 
@@ -611,13 +617,7 @@ def render_visualize(result) -> None:
         table.add_row(Text(str(image.source)), Text(image.predicted), Text(image.evidence),
                       str(len(image.files)), Text(str(image.overview.parent)))
     out_console.print(table)
-    if result.skipped:
-        skipped = Table(title=f"{len(result.skipped)} skipped file(s)")
-        skipped.add_column("path", overflow="fold")
-        skipped.add_column("reason", overflow="fold")
-        for path, reason in result.skipped:
-            skipped.add_row(Text(path), Text(reason))
-        out_console.print(skipped)
+    _print_skipped(result.skipped)
     out_console.print(Text(f"{len(result.files)} files; open {result.index}"), soft_wrap=True)
 
 

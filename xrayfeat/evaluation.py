@@ -487,7 +487,7 @@ def _run_label(path: Path, taken: set[str]) -> str:
 def _dataset_predictions(runs, models, data: Path, split: str, notices: list[str]):
     """Probabilities of every run on one split of a prepared dataset, streamed in batches."""
     from xrayfeat.dataset import iter_split, load_split, open_dataset
-    from xrayfeat.errors import DatasetError, UsageError
+    from xrayfeat.runs import check_dataset_matches
 
     info = open_dataset(data)
     if split not in info.split_counts:
@@ -498,13 +498,7 @@ def _dataset_predictions(runs, models, data: Path, split: str, notices: list[str
         else:
             info.require_split(split)  # raises with the splits present
     for run in runs:
-        if run.classes != info.classes:
-            raise DatasetError(f"classes differ: run {run.path} has {run.classes}, "
-                               f"{data} has {info.classes}")
-        if run.preprocess.size != info.size:
-            raise UsageError(f"{data} stores {info.size} px images but run {run.path} was "
-                             f"trained on {run.preprocess.size} px; prepare with --size "
-                             f"{run.preprocess.size}")
+        check_dataset_matches(run, info)
         if run.preprocess.roi != info.roi:
             notices.append(f"{data} was prepared with roi={info.roi} but run {run.path} with "
                            f"roi={run.preprocess.roi}: images are not seen as in training")

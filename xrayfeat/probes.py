@@ -459,7 +459,7 @@ def depth_probes(
     from xrayfeat.activations import prepare_out_dir
     from xrayfeat.dataset import open_dataset
     from xrayfeat.figures import plot_probe_auc
-    from xrayfeat.runs import load_run, write_json
+    from xrayfeat.runs import check_dataset_matches, load_run, write_json
 
     started = time.perf_counter()
     out = Path(out)
@@ -475,13 +475,7 @@ def depth_probes(
     info = open_dataset(data)
     total = info.require_split(split)
     classes = run.classes
-    if [c.casefold() for c in info.classes] != [c.casefold() for c in classes]:
-        raise UsageError(f"{data} has classes {', '.join(info.classes)} but the run was trained "
-                         f"on {', '.join(classes)}")
-    if info.size != run.preprocess.size:
-        raise UsageError(f"{data} stores {info.size} px images but the run takes "
-                         f"{run.preprocess.size} px; prepare the data with --size "
-                         f"{run.preprocess.size}")
+    check_dataset_matches(run, info)
     model = run.load_model()
     layers = probe_points(model)
     prepare_out_dir(out, overwrite)

@@ -90,7 +90,15 @@ class Run:
 
     def load_model(self):
         """Load the best model with Keras' safe mode: a run is data and never runs code."""
-        return load_model_safely(self.model_path)
+        model = load_model_safely(self.model_path)
+        n_outputs = model.output_shape[-1]
+        if n_outputs != len(self.classes):
+            raise RunError(
+                f"{self.model_path} predicts {n_outputs} classes but {CONFIG_FILE} names "
+                f"{len(self.classes)} ({', '.join(self.classes)}); the run is inconsistent: "
+                "retrain it"
+            )
+        return model
 
 
 def load_model_safely(path: Path):
@@ -109,7 +117,14 @@ def load_model_safely(path: Path):
             ) from None
         raise RunError(f"cannot load {path}: {text.splitlines()[0] if text else exc}") from None
     except Exception as exc:
-        raise RunError(f"cannot load {path}: {type(exc).__name__}: {exc}") from None
+        text = str(exc)
+        if "Could not locate" in text:  # a class or function Keras does not know: code
+            raise RunError(
+                f"{path} refers to code that is not part of Keras (a custom class or "
+                "function); refusing to load it in safe mode"
+            ) from None
+        first = (text.splitlines() or [""])[0]  # Keras messages run over many lines
+        raise RunError(f"cannot load {path}: {type(exc).__name__}: {first}") from None
 
 
 def load_run(path: str | os.PathLike) -> Run:
@@ -121,6 +136,8 @@ def load_run(path: str | os.PathLike) -> Run:
         raise RunError(f"{path} is not a run directory (no {CONFIG_FILE}); create one with "
                        "'xrayfeat train'")
     config = read_json(path / CONFIG_FILE)
+    if not isinstance(config, dict):
+        raise RunError(f"{path / CONFIG_FILE} is not a run configuration; retrain the run")
     if config.get("format") != RUN_FORMAT:
         raise RunError(
             f"{path} was written by another version of xrayfeat (format "
@@ -128,6 +145,59 @@ def load_run(path: str | os.PathLike) -> Run:
         )
     if not (path / MODEL_FILE).is_file():
         raise RunError(f"{path} has no {MODEL_FILE}: training did not finish an epoch")
+    _check_config(path / CONFIG_FILE, config)
     validation_path = path / VALIDATION_FILE
     validation = read_json(validation_path) if validation_path.is_file() else {}
+    threshold = validation.get("threshold") if isinstance(validation, dict) else "?"
+    if threshold is not None and not (isinstance(threshold, (int, float))
+                                      and not isinstance(threshold, bool)
+                                      and 0 <= threshold <= 1):
+        raise RunError(f"{validation_path} is damaged (the threshold must be a number between "
+                       "0 and 1); retrain the run or restore the file")
     return Run(path=path, config=config, validation=validation)
+
+
+def _check_config(path: Path, config: dict) -> None:
+    """A run directory is data: a damaged or hand-edited config is a one-line error, not a
+    crash later on."""
+    from dataclasses import fields
+
+    def damaged(what: str):
+        raise RunError(f"{path} is damaged ({what}); retrain the run or restore the file")
+
+    classes = config.get("classes")
+    if (not isinstance(classes, list) or len(classes) < 2 or len(set(classes)) != len(classes)
+            or not all(isinstance(c, str) and c for c in classes)):
+        damaged("'classes' must name two or more distinct classes")
+    p = config.get("preprocess")
+    if not isinstance(p, dict):
+        damaged("no 'preprocess' settings")
+    size = p.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= 4096:
+        damaged(f"'preprocess.size' must be a number of pixels, got {size!r}")
+    if not isinstance(p.get("roi"), bool):
+        damaged("'preprocess.roi' must be true or false")
+    roi = p.get("roi_settings", {})
+    known = {f.name for f in fields(RoiSettings)}
+    if (not isinstance(roi, dict) or set(roi) - known
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                       for v in roi.values())):
+        damaged(f"'preprocess.roi_settings' must hold numbers for {', '.join(sorted(known))}")
+
+
+def check_dataset_matches(run: Run, info) -> None:
+    """Refuse a prepared dataset the run cannot read as it was trained.
+
+    ``info`` is a :class:`xrayfeat.dataset.DatasetInfo`. Classes must match (in order,
+    ignoring case) and the stored image size must equal the run's, since the model's input
+    is the stored image.
+    """
+    from xrayfeat.errors import DatasetError, UsageError
+
+    if [c.casefold() for c in info.classes] != [c.casefold() for c in run.classes]:
+        raise DatasetError(f"classes differ: {info.path} has {', '.join(info.classes)} but "
+                           f"run {run.path} was trained on {', '.join(run.classes)}")
+    if info.size != run.preprocess.size:
+        raise UsageError(f"{info.path} stores {info.size} px images but run {run.path} takes "
+                         f"{run.preprocess.size} px; prepare the data with --size "
+                         f"{run.preprocess.size}")
