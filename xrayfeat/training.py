@@ -166,7 +166,9 @@ def augment_batch(images, seeds, config: TrainConfig):
 
     b = tf.shape(images)[0]
     size = tf.cast(tf.shape(images)[1], tf.float32)
-    u = lambda i, lo, hi: tf.random.stateless_uniform([b], seed=seeds + i, minval=lo, maxval=hi)  # noqa: E731
+    def u(i, lo, hi):
+        return tf.random.stateless_uniform([b], seed=seeds + i, minval=lo, maxval=hi)
+
     theta = u(1, -1.0, 1.0) * (config.rotation_deg * math.pi / 180.0)
     zoom = 1.0 + u(2, -config.zoom, config.zoom)
     tx = u(3, -config.shift, config.shift) * size
@@ -199,6 +201,9 @@ def make_train_dataset(info: DatasetInfo, config: TrainConfig, initial_epoch: in
     ``initial_epoch .. config.epochs - 1``; returns the dataset and its steps per epoch."""
     import tensorflow as tf
 
+    # Plain TensorFlow code needs no AutoGraph conversion, and converting it prints
+    # warnings to the user's terminal ("AutoGraph could not transform ...").
+    plain = tf.autograph.experimental.do_not_convert
     n = len(split_indices(info.path, "train"))
     steps = math.ceil(n / config.batch_size)
     epochs = range(initial_epoch, config.epochs)
@@ -212,8 +217,8 @@ def make_train_dataset(info: DatasetInfo, config: TrainConfig, initial_epoch: in
         orders = np.stack([epoch_order(n, config.seed, e) for e in epochs]) if len(epochs) else \
             np.zeros((0, n), np.int64)
         order_ds = tf.data.Dataset.from_tensor_slices(orders).flat_map(
-            lambda order: tf.data.Dataset.from_tensor_slices(order).batch(config.batch_size))
-        ds = order_ds.map(lambda idx: (tf.gather(images_t, idx), tf.gather(labels_t, idx)),
+            plain(lambda order: tf.data.Dataset.from_tensor_slices(order).batch(config.batch_size)))
+        ds = order_ds.map(plain(lambda idx: (tf.gather(images_t, idx), tf.gather(labels_t, idx))),
                           num_parallel_calls=tf.data.AUTOTUNE)
     else:
         from xrayfeat.dataset import iter_split
@@ -226,7 +231,7 @@ def make_train_dataset(info: DatasetInfo, config: TrainConfig, initial_epoch: in
         ds = tf.data.Dataset.from_generator(generate, output_signature=(
             tf.TensorSpec((None, info.size, info.size), tf.uint8),
             tf.TensorSpec((None,), tf.int64)))
-        ds = ds.map(lambda x, y: (x, tf.cast(y, tf.int32)))
+        ds = ds.map(plain(lambda x, y: (x, tf.cast(y, tf.int32))))
 
     # Batch b of epoch e gets augmentation seed (seed, e * steps + b): resumable.
     batch_ids = tf.data.Dataset.range(initial_epoch * steps, config.epochs * steps)
@@ -243,7 +248,7 @@ def make_train_dataset(info: DatasetInfo, config: TrainConfig, initial_epoch: in
             one_hot = one_hot * (1 - config.label_smoothing) + config.label_smoothing / n_classes
         return x, one_hot, tf.gather(weight_table, y)
 
-    ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    ds = ds.map(plain(finish), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.with_options(options), steps
