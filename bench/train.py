@@ -43,13 +43,15 @@ def matmul_peak(n: int = 2048, reps: int = 8) -> float:
 
 
 def make_subset(src: Path, n: int, out: Path) -> Path:
-    """A prepared dataset with the first ``n`` train rows of ``src`` and its val split."""
+    """A prepared dataset with ``n`` train rows of ``src`` (both classes) and 128 val rows."""
     import h5py
 
     with h5py.File(src, "r") as h5in, h5py.File(out, "w") as h5out:
         split = h5in["split"].asstr()[:]
-        train_rows = np.flatnonzero(split == "train")[:n]
-        val_rows = np.flatnonzero(split == "val")[:128]
+        # Evenly spaced rows: the file is ordered by class, so a prefix would be one class.
+        train_all, val_all = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
+        train_rows = train_all[np.linspace(0, len(train_all) - 1, n).astype(int)]
+        val_rows = val_all[np.linspace(0, len(val_all) - 1, min(128, len(val_all))).astype(int)]
         rows = np.sort(np.concatenate([train_rows, val_rows]))
         for name, ds in h5in.items():
             data = ds[:][rows] if name != "images" else np.stack([ds[r] for r in rows])
