@@ -84,8 +84,11 @@ def _safe_component(text: str, fallback: str = "image") -> str:
     name = encoded.decode("utf-8", errors="ignore").strip("._- ")
     if not name:
         return fallback
-    if name.split(".")[0].upper() in _WINDOWS_RESERVED:
-        name = f"{name}_"
+    head, dot, rest = name.partition(".")
+    if head.upper() in _WINDOWS_RESERVED:
+        # "CON.x" is reserved too: mark the device name itself, within the byte budget.
+        rest = (dot + rest).encode("utf-8")[: MAX_STEM_BYTES - len(head) - 1]
+        name = f"{head}_{rest.decode('utf-8', errors='ignore')}"
     return name
 
 

@@ -7,7 +7,6 @@ Results go to stdout, progress and messages to stderr.
 
 from __future__ import annotations
 
-import errno
 import functools
 import os
 import sys
@@ -52,16 +51,6 @@ def _root(
     _state["debug"] = debug
 
 
-#: OS errors that describe the machine, not a bug: one line with what to do, exit 2.
-_MACHINE_ERRNOS = {
-    errno.ENOSPC: "free some space or write to another disk",
-    errno.EDQUOT: "free some space or write to another disk",
-    errno.EROFS: "write to another folder",
-    errno.EACCES: "check the permissions, or write to another folder",
-    errno.EPERM: "check the permissions, or write to another folder",
-}
-
-
 def friendly_errors(command: Callable) -> Callable:
     """Turn the core's exceptions into one line on stderr and a documented exit code."""
 
@@ -84,12 +73,14 @@ def friendly_errors(command: Callable) -> Callable:
         except Exception as exc:  # a bug: say so in one line, traceback only with --debug
             if _state["debug"]:
                 raise
-            if isinstance(exc, OSError) and exc.errno in _MACHINE_ERRNOS:
+            from xrayfeat.atomic import MACHINE_ERRNOS
+
+            if isinstance(exc, OSError) and exc.errno in MACHINE_ERRNOS:
                 # A full disk or a read-only folder is the machine's state, not a bug.
                 where = f"{exc.filename}: " if exc.filename else ""
                 err_console.print(
                     f"[bold red]error:[/] {escape(where)}{os.strerror(exc.errno)} "
-                    f"({_MACHINE_ERRNOS[exc.errno]})", highlight=False, soft_wrap=True)
+                    f"({MACHINE_ERRNOS[exc.errno]})", highlight=False, soft_wrap=True)
                 raise typer.Exit(EXIT_USAGE) from None
             first_line = (str(exc).splitlines() or [""])[0]
             err_console.print(

@@ -320,7 +320,7 @@ def prepare_dataset(
         images = h5.create_dataset(
             "images", shape=(0, size, size), maxshape=(n_max, size, size), dtype=np.uint8,
             chunks=(1, size, size), compression="gzip", compression_opts=1, shuffle=False,  # level 1: ~as small, far cheaper
-            rdcc_nbytes=1,  # one chunk per image, written once: no cache of dirty images (0 = default)
+            rdcc_nbytes=1,  # chunks are written once: cache none (0 would mean the default)
         )
         columns = {
             "images": images,

@@ -65,9 +65,19 @@ def atomic_savefig(fig: Figure, path: str | os.PathLike[str], *, close: bool = T
     kwargs.setdefault("bbox_inches", "tight")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; figures are for sharing
         with os.fdopen(fd, "wb") as fh:
             fig.savefig(fh, format=fmt, **kwargs)
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk: one line naming the figure, nothing partial left
+        Path(tmp).unlink(missing_ok=True)
+        from xrayfeat.atomic import MACHINE_ERRNOS, write_error
+
+        if exc.errno in MACHINE_ERRNOS:
+            raise write_error(path, exc) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,8 +223,14 @@ def _decode_dicom(data: bytes) -> np.ndarray:
         pixels = pixels[0]  # multi-frame: the first frame
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if ds.get("SamplesPerPixel", 1) == 1:
-        pixels = apply_modality_lut(pixels, ds)  # rescale slope/intercept to stored units
-        pixels = apply_voi_lut(pixels, ds)  # the window the radiographer chose, if any
+        try:
+            pixels = apply_modality_lut(pixels, ds)  # rescale slope/intercept to stored units
+        except Exception as exc:
+            raise ImageReadError(f"corrupt DICOM rescale (modality LUT): {exc}") from None
+        try:
+            pixels = apply_voi_lut(pixels, ds)  # the window the radiographer chose, if any
+        except Exception:
+            pass  # an invalid window (width 0, garbage text): scale by the pixel range instead
         image = to_uint8(np.asarray(pixels))
         if photometric == "MONOCHROME1":  # MONOCHROME1: high values are dark
             image = 255 - image
@@ -265,12 +272,41 @@ def read_radiograph(
     path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     target_size: int | None = None,
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Read a radiograph file; see :func:`decode_radiograph`."""
-    path = Path(path)
+    """Read a radiograph file; see :func:`decode_radiograph`.
+
+    Only regular files are read, and at most :func:`max_file_bytes` of them: a named pipe
+    or a link to ``/dev/zero`` named like an image would otherwise block or fill memory.
+    """
+    limit = max_file_bytes(max_pixels)
     try:
-        if path.is_dir():
-            raise ImageReadError("is a directory, not an image")
-        data = path.read_bytes()
+        # O_NONBLOCK: opening a FIFO for reading would wait for a writer forever.
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(path, flags)
     except OSError as exc:
         raise ImageReadError(f"cannot open: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageReadError("is a directory, not an image")
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageReadError("not a regular file (a pipe, socket or device)")
+        if info.st_size > limit:
+            raise ImageReadError(f"file too large: {info.st_size / 1e6:.0f} MB (the limit "
+                                 f"is {limit / 1e6:.0f} MB for {max_pixels / 1e6:g} MP)")
+        with os.fdopen(fd, "rb") as fh:
+            fd = -1  # the file object owns it now
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        raise ImageReadError(f"cannot read: {exc.strerror or exc}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if len(data) > limit:  # it grew while being read
+        raise ImageReadError(f"file too large: over {limit / 1e6:.0f} MB")
     return decode_radiograph(data, max_pixels=max_pixels, target_size=target_size)
+
+
+def max_file_bytes(max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """Largest file read for a pixel budget: uncompressed 16-bit RGBA (8 bytes a pixel) plus
+    16 MB of headers; anything larger cannot be an image within the budget."""
+    return 8 * max_pixels + 16 * 2**20

@@ -11,6 +11,7 @@ every finished row and the next ``--skip-done`` run carries on where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import io
@@ -167,7 +168,12 @@ class _Writer:
             except OSError as exc:
                 raise UsageError(f"cannot write {self.out}: {exc.strerror or exc}") from None
             if new and self.fmt == "csv":
-                self._write(_format_rows([], self.names, "csv", header=True))
+                try:
+                    self._write(_format_rows([], self.names, "csv", header=True))
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        self.fh.close()
+                    raise
         else:
             self._atomic = atomic_output(self.out)
             tmp = self._atomic.__enter__()
@@ -189,11 +195,23 @@ class _Writer:
             self._write(_format_rows(rows, self.names, self.fmt, header=False))
 
     def __exit__(self, exc_type, exc, tb):
-        if self.fmt == "json" and exc_type is None:
-            self.fh.write(json.dumps(self.rows_json, indent=1) + "\n")
-        self.fh.close()
+        close_error = None
+        try:
+            if self.fmt == "json" and exc_type is None:
+                self.fh.write(json.dumps(self.rows_json, indent=1) + "\n")
+            self.fh.close()
+        except OSError as error:  # a full disk can show first at the last flush
+            with contextlib.suppress(OSError):
+                self.fh.close()
+            if exc is None:
+                close_error = error
+                exc_type, exc, tb = type(error), error, error.__traceback__
         if not self.journal:
-            return self._atomic.__exit__(exc_type, exc, tb)
+            # Renames the temporary into place, or removes it on any error (a full disk
+            # becomes a one-line UsageError there).
+            self._atomic.__exit__(exc_type, exc, tb)
+        if close_error is not None:
+            raise close_error
         return False
 
 

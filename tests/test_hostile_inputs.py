@@ -1,0 +1,362 @@
+"""Hostile inputs: what real hospital exports and real users hand to the tool.
+
+A folder of hostile files goes through ``imaging``, ``prepare`` and ``predict``: valid images
+are read, prepared and predicted; invalid ones are skipped or error rows with a reason;
+nothing hangs and nothing crashes. Then every command is given wrong arguments: each
+answer is one line on stderr that says what is wrong and what to do, with exit code 2
+(and a traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import make_synthetic_xray, write_dicom_file
+from xrayfeat.cli import app
+from xrayfeat.dataset import prepare_dataset
+from xrayfeat.errors import ImageReadError, RunError, UsageError
+from xrayfeat.imaging import read_radiograph
+from xrayfeat.prediction import predict
+
+runner = CliRunner()
+
+
+def _encode(ext: str, image: np.ndarray) -> bytes:
+    ok, buffer = cv2.imencode(ext, image)
+    assert ok
+    return buffer.tobytes()
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(
+        ">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+
+
+def build_hostile_folder(folder: Path, seed: int = 0) -> tuple[set[str], dict[str, str]]:
+    """Write the hostile set into ``folder``.
+
+    Returns the names of the files that must be read (valid radiographs in awkward forms)
+    and, for the files that must fail, a fragment of the reason each must give. Folders and
+    links that a folder walk must skip (a directory named like an image, a symlink loop)
+    are in neither.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    gray = make_synthetic_xray(96, seed=seed + 3)
+    jpeg, png = _encode(".jpg", gray), _encode(".png", gray)
+    valid: set[str] = set()
+    invalid: dict[str, str] = {}
+
+    def bad(name: str, data: bytes, reason: str) -> None:
+        (folder / name).write_bytes(data)
+        invalid[name] = reason
+
+    def good(name: str, data: bytes) -> None:
+        (folder / name).write_bytes(data)
+        valid.add(name)
+
+    bad("empty.jpeg", b"", "empty")
+    bad("random.png", rng.integers(0, 256, 5000, dtype=np.uint8).tobytes(), "not an image")
+    bad("random.jpg", b"\xff\xd8\xff" + rng.integers(0, 256, 5000, dtype=np.uint8).tobytes(),
+        "JPEG")
+    bad("truncated.jpeg", jpeg[: len(jpeg) // 2], "truncated")
+    bad("truncated.png", png[: len(png) // 2], "truncated")
+    bad("notes.jpeg", b"patient list\nnot an image\n", "not an image")
+    bad("page.png", b"<!DOCTYPE html><html><body>404 Not Found</body></html>\n", "not an image")
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)  # 10 gigapixels claimed
+    bad("bomb.png", b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + _png_chunk(b"IEND", b""),
+        "too large")
+    bad("thin.png", _encode(".png", rng.integers(0, 255, (8, 600), dtype=np.uint8)), "too small")
+    (folder / "folder.jpeg").mkdir()  # a directory named like an image
+    (folder / "loop").symlink_to(".", target_is_directory=True)  # a symlink loop
+    (folder / "selfloop.png").symlink_to("selfloop.png")  # a link to itself
+    invalid["selfloop.png"] = "symbolic links"
+    os.mkfifo(folder / "pipe.jpeg")  # would block a plain open() forever
+    invalid["pipe.jpeg"] = "not a regular file"
+    (folder / "zero.png").symlink_to("/dev/zero")  # would fill memory with a plain read
+    invalid["zero.png"] = "not a regular file"
+    with open(folder / "sparse.jpeg", "wb") as fh:  # 1 GB on paper, nothing on disk
+        fh.truncate(2**30)
+    invalid["sparse.jpeg"] = "file too large"
+
+    bgra = cv2.merge([gray, gray, gray, np.full_like(gray, 200)])
+    good("rgba.png", _encode(".png", bgra))
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(gray).convert("RGB").convert("CMYK").save(buffer, "JPEG", quality=95)
+    good("cmyk.jpg", buffer.getvalue())
+    good("sixteen.png", _encode(".png", gray.astype(np.uint16) * 200 + 1000))
+    good("tall thin.png", _encode(".png", make_synthetic_xray((1200, 40), seed=seed + 4)))
+    good("large.jpeg", _encode(".jpg", make_synthetic_xray((2600, 3000), seed=seed + 5)))
+    good("UPPER.JPG", jpeg)
+    good("UPPER.PNG", png)
+    good("name with  spaces.jpeg", jpeg)
+    good("радиограмма é 肺.png", png)
+    good("[bold]markup[red].jpeg", jpeg)
+    dicom_pixels = gray.astype(np.uint16) * 16
+    write_dicom_file(folder / "mono2.dcm", dicom_pixels, photometric="MONOCHROME2")
+    write_dicom_file(folder / "mono1.dcm", 4095 - dicom_pixels, photometric="MONOCHROME1")
+    write_dicom_file(folder / "DICOM_WITHOUT_EXTENSION", dicom_pixels)
+    valid |= {"mono2.dcm", "mono1.dcm", "DICOM_WITHOUT_EXTENSION"}
+    write_dicom_file(folder / "nopixels.dcm", None, rows_cols=(96, 96))
+    invalid["nopixels.dcm"] = "no pixel data"
+    return valid, invalid
+
+
+@pytest.fixture()
+def hostile_folder(tmp_path) -> tuple[Path, set[str], dict[str, str]]:
+    pytest.importorskip("pydicom")
+    pytest.importorskip("PIL")
+    folder = tmp_path / "export"
+    valid, invalid = build_hostile_folder(folder)
+    return folder, valid, invalid
+
+
+# --------------------------------------------------------------------------- imaging
+
+def test_reader_reads_valid_files_and_names_the_problem_with_the_others(hostile_folder):
+    folder, valid, invalid = hostile_folder
+    for name in sorted(valid):
+        image, source_shape = read_radiograph(folder / name)
+        assert image.ndim == 2 and image.dtype == np.uint8, name
+        assert min(image.shape) >= 32 and len(source_shape) == 2, name
+    for name, reason in sorted(invalid.items()):
+        started = time.perf_counter()
+        with pytest.raises(ImageReadError, match=reason):
+            read_radiograph(folder / name)
+        assert time.perf_counter() - started < 1.0, name  # refused from the header / stat
+    with pytest.raises(ImageReadError, match="directory"):
+        read_radiograph(folder / "folder.jpeg")
+
+
+def test_monochrome1_is_inverted_to_look_like_monochrome2(hostile_folder):
+    folder, _, _ = hostile_folder
+    mono1, _ = read_radiograph(folder / "mono1.dcm")
+    mono2, _ = read_radiograph(folder / "mono2.dcm")
+    assert np.abs(mono1.astype(int) - mono2.astype(int)).max() <= 1
+
+
+# --------------------------------------------------------------------------- prepare
+
+def test_prepare_keeps_every_valid_file_and_lists_every_invalid_one(tmp_path):
+    pytest.importorskip("pydicom")
+    pytest.importorskip("PIL")
+    src = tmp_path / "src"
+    valid, invalid = build_hostile_folder(src / "NORMAL", seed=0)
+    build_hostile_folder(src / "PNEUMONIA", seed=10)
+    out = tmp_path / "data.h5"
+    result = prepare_dataset(src, out, workers=1, val_fraction=0.5, seed=0)
+    with h5py.File(out, "r") as h5:
+        paths = list(h5["path"].asstr()[:])
+        assert h5["images"].shape[1:] == (224, 224)
+    stored = sorted(Path(p).relative_to(src).as_posix() for p in paths)
+    assert stored == sorted(f"{c}/{n}" for c in ("NORMAL", "PNEUMONIA") for n in valid)
+    skipped = {Path(p).relative_to(src).as_posix(): reason for p, reason in result.skipped}
+    assert set(skipped) == {f"{c}/{n}" for c in ("NORMAL", "PNEUMONIA") for n in invalid}
+    for path, reason in skipped.items():
+        assert invalid[Path(path).name] in reason, (path, reason)
+
+
+def test_prepare_cli_on_hostile_folder_finishes_and_lists_skipped_files(tmp_path):
+    """In a real process, with a timeout: nothing hangs (a FIFO, /dev/zero), exit 0."""
+    pytest.importorskip("pydicom")
+    pytest.importorskip("PIL")
+    src = tmp_path / "src"
+    build_hostile_folder(src / "NORMAL", seed=0)
+    build_hostile_folder(src / "PNEUMONIA", seed=10)
+    out = tmp_path / "data.h5"
+    proc = subprocess.run(
+        [sys.executable, "-m", "xrayfeat", "prepare", str(src), "--out", str(out),
+         "--workers", "2", "--size", "64", "--val-fraction", "0.5"],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped file(s)" in proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert out.is_file()
+
+
+# --------------------------------------------------------------------------- predict
+
+def test_predict_gives_every_file_a_row_valid_ones_a_label(trained_run, hostile_folder, tmp_path):
+    folder, valid, invalid = hostile_folder
+    out = tmp_path / "preds.csv"
+    summary = predict(trained_run, [str(folder)], out=out, workers=1, batch_size=8)
+    with open(out, newline="", encoding="utf-8") as fh:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(fh)}
+    assert set(rows) == valid | set(invalid)  # the loop and the folder are not files
+    assert summary.predicted == len(valid) and summary.errors == len(invalid)
+    for name in valid:
+        assert rows[name]["label"] in ("NORMAL", "PNEUMONIA") and not rows[name]["error"]
+        assert 0.0 <= float(rows[name]["probability"]) <= 1.0
+    for name, reason in invalid.items():
+        assert rows[name]["label"] == "" and reason in rows[name]["error"], rows[name]
+
+
+def test_predict_cli_on_hostile_files_exit_codes(trained_run, hostile_folder, tmp_path):
+    folder, valid, invalid = hostile_folder
+    result = runner.invoke(app, ["predict", str(trained_run), str(folder), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert f"{len(invalid)} file(s) could not be read" in result.stderr
+    assert "[bold]markup[red].jpeg" in result.stdout  # file names are shown, not styled
+    strict = runner.invoke(app, ["predict", str(trained_run), str(folder / "empty.jpeg"),
+                                 str(folder / "UPPER.JPG"), "--strict", "--workers", "1"])
+    assert strict.exit_code == 1
+
+
+# --------------------------------------------------------------------------- wrong arguments
+
+def one_error_line(result) -> str:
+    """Exit 2, exactly one non-empty line on stderr that starts with 'error:', no traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:"), lines
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, trained_run, examples_h5) -> dict[str, Path]:
+    """A zoo of wrong things to pass: runs from another version or without a model, a text
+    file, an image, a dataset of other classes, a dataset of another image size."""
+    root = tmp_path_factory.mktemp("bad")
+    old = root / "old_run"
+    shutil.copytree(trained_run, old)
+    config = json.loads((old / "config.json").read_text())
+    config["format"] = "xrayfeat-run/0"
+    (old / "config.json").write_text(json.dumps(config))
+    no_model = root / "no_model_run"
+    shutil.copytree(trained_run, no_model)
+    (no_model / "model.keras").unlink()
+    (root / "notes.txt").write_text("not a dataset\n")
+    image = root / "image.jpeg"
+    cv2.imwrite(str(image), make_synthetic_xray(96, seed=0))
+    other = root / "other_classes.h5"
+    shutil.copy(examples_h5, other)
+    with h5py.File(other, "r+") as h5:
+        h5.attrs["classes"] = json.dumps(["CAT", "DOG"])
+    folder = root / "other_folder"
+    for name in ("CAT", "DOG"):
+        (folder / name).mkdir(parents=True)
+        for i in range(3):
+            cv2.imwrite(str(folder / name / f"{name}{i}.png"), make_synthetic_xray(64, seed=i))
+    return {"run": trained_run, "h5": examples_h5, "old": old, "no_model": no_model,
+            "txt": root / "notes.txt", "image": image, "other": other, "folder": folder,
+            "root": root, "missing": root / "does-not-exist"}
+
+
+# (command line, a fragment the one line must contain). ``{name}`` is a path from ``bad``.
+WRONG = [
+    # prepare
+    ("prepare {missing} --out {root}/a.h5", "does not exist"),
+    ("prepare {txt} --out {root}/a.h5", "not a folder"),
+    ("prepare {folder} --out {h5}", "--overwrite"),
+    ("prepare {folder} --out {root}", "is a folder"),
+    ("prepare {folder} --out {root}/a.h5 --size 8", "--size"),
+    ("prepare {folder} --out {root}/a.h5 --labels nonsense", "--labels"),
+    ("prepare {folder} --out {root}/a.h5 --val-fraction 1.5", "--val-fraction"),
+    # train
+    ("train {missing} --out {root}/r", "does not exist"),
+    ("train {txt} --out {root}/r", "not an HDF5 dataset"),
+    ("train {image} --out {root}/r", "not an HDF5 dataset"),
+    ("train {h5} --out {txt}", "is a file"),
+    ("train {h5} --out {run}", "--resume"),
+    ("train {h5} --out {root}/never_trained --resume", "cannot --resume"),
+    ("train {h5} --out {root}/r --input-size 4096", "--input-size"),
+    ("train {h5} --out {root}/r --config {missing}.toml", "does-not-exist"),
+    ("train {h5} --out {root}/r --config {txt}", "notes.txt"),
+    # evaluate
+    ("evaluate {run}", "RUN"),
+    ("evaluate {missing} {h5}", "does not exist"),
+    ("evaluate {old} {h5}", "another version"),
+    ("evaluate {no_model} {h5}", "model.keras"),
+    ("evaluate {h5} {h5}", "not a run directory"),
+    ("evaluate {run} {txt}", "not an HDF5 dataset"),
+    ("evaluate {run} {other}", "CAT"),
+    ("evaluate {run} {folder}", "CAT"),
+    ("evaluate {run} {h5} --threshold 2", "--threshold"),
+    # predict
+    ("predict {missing} {image}", "does not exist"),
+    ("predict {old} {image}", "another version"),
+    ("predict {no_model} {image}", "model.keras"),
+    ("predict {h5} {image}", "not a run directory"),
+    ("predict {run} {missing}", "does not exist"),
+    ("predict {run} {image} --out {root}", "is a folder"),
+    ("predict {run} {image} --shard 5/4", "--shard"),
+    ("predict {run} {image} --format xml", "--format"),
+    ("predict {run} {image} --skip-done", "--skip-done"),
+    ("predict {run} {image} --out {root}/p.json --skip-done", "--skip-done"),
+    ("predict {run} {image} --threshold -1", "--threshold"),
+    # visualize-layers
+    ("visualize-layers {missing} {image} --out {root}/v", "does not exist"),
+    ("visualize-layers {old} {image} --out {root}/v", "another version"),
+    ("visualize-layers {no_model} {image} --out {root}/v", "model.keras"),
+    ("visualize-layers {run} --out {root}/v", "no images"),
+    ("visualize-layers {run} {missing} --out {root}/v", "does-not-exist"),
+    ("visualize-layers {run} {image} --out {txt}", "not a folder"),
+    ("visualize-layers {run} {image} --out {root}/v --layer nope", "nope"),
+    ("visualize-layers {run} {image} --out {root}/v --layers everything", "--layers"),
+    ("visualize-layers {run} --contrast --data {other} --out {root}/v", "CAT"),
+    ("visualize-layers {run} --contrast --data {txt} --out {root}/v", "not an HDF5 dataset"),
+    ("visualize-layers {run} --contrast --out {root}/v", "--data"),
+]
+
+
+@pytest.mark.parametrize("command, fragment", WRONG, ids=[w[0].split(" {", 1)[0] + ":" + w[1]
+                                                         for w in WRONG])
+def test_wrong_arguments_are_one_line_and_exit_2(bad, command, fragment):
+    args = [part.format(**bad) for part in command.split()]
+    result = runner.invoke(app, args)
+    line = one_error_line(result)
+    assert fragment in line, line
+
+
+def test_wrong_arguments_leave_no_file_behind(bad):
+    """None of the refused commands above wrote a file (train may leave an empty --out
+    folder: it creates it before it has read the data)."""
+    fixtures = {"old_run", "no_model_run", "notes.txt", "image.jpeg", "other_classes.h5",
+                "other_folder"}
+    left = [p for p in bad["root"].iterdir() if p.name not in fixtures]
+    assert all(p.is_dir() and not any(p.iterdir()) for p in left), left
+
+
+def test_debug_shows_the_traceback_instead(bad):
+    result = runner.invoke(app, ["--debug", "predict", str(bad["old"]), str(bad["image"])])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, RunError)
+    assert "another version" in str(result.exception)
+    result = runner.invoke(app, ["--debug", "prepare", str(bad["folder"]), "--out",
+                                 str(bad["h5"])])
+    assert isinstance(result.exception, UsageError)
+
+
+def test_debug_traceback_in_a_real_process(bad):
+    proc = subprocess.run([sys.executable, "-m", "xrayfeat", "--debug", "prepare",
+                           str(bad["missing"]), "--out", str(bad["root"] / "x.h5")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and proc.returncode != 2
+    assert "Traceback" in proc.stderr and "does not exist" in proc.stderr
+    plain = subprocess.run([sys.executable, "-m", "xrayfeat", "prepare", str(bad["missing"]),
+                            "--out", str(bad["root"] / "x.h5")],
+                           capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert [line for line in plain.stderr.splitlines() if line.strip()] == [
+        f"error: {bad['missing']} does not exist"]
