@@ -201,3 +201,32 @@ def test_dataset_without_validation_images_is_refused(examples_h5, tmp_path):
         h5["split"][:] = split.astype(object)
     with pytest.raises(DatasetError, match="no 'val' images"):
         train(copy, tmp_path / "r", _tiny_config())
+
+
+class _InterruptAfterFirstEpoch:
+    """A reporter that presses Ctrl-C when the first epoch ends."""
+
+    def on_prepare_start(self, total): ...
+    def on_prepare_progress(self, n): ...
+    def on_train_start(self, epochs, initial_epoch, steps): ...
+    def on_batch_end(self, loss): ...
+
+    def on_epoch_end(self, epoch, logs):
+        raise KeyboardInterrupt
+
+
+def test_interrupted_overwrite_brings_the_previous_run_back(examples_h5, tmp_path):
+    run = tmp_path / "run"
+    train(examples_h5, run, _tiny_config(epochs=1))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(KeyboardInterrupt):
+        train(examples_h5, run, _tiny_config(epochs=2), overwrite=True,
+              reporter=_InterruptAfterFirstEpoch())
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no backup or temporary left
+
+
+def test_refused_arguments_leave_no_run_folder(examples_h5, tmp_path):
+    with pytest.raises(UsageError, match="larger than"):
+        train(examples_h5, tmp_path / "r", _tiny_config(input_size=512))
+    assert not (tmp_path / "r").exists()

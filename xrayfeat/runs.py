@@ -101,14 +101,17 @@ class Run:
         return model
 
 
-def load_model_safely(path: Path):
-    """``keras.models.load_model`` with ``safe_mode=True``, errors as :class:`RunError`."""
+def load_model_safely(path: Path, *, compile: bool = False):
+    """``keras.models.load_model`` with ``safe_mode=True``, errors as :class:`RunError`.
+
+    ``compile=True`` restores the optimizer state too (``train --resume``).
+    """
     import keras
 
     if not path.is_file():
         raise RunError(f"{path} is missing: the run has no trained model (did training finish?)")
     try:
-        return keras.models.load_model(path, compile=False, safe_mode=True)
+        return keras.models.load_model(path, compile=compile, safe_mode=True)
     except ValueError as exc:
         text = str(exc)
         if "safe_mode" in text or "Lambda" in text or "lambda" in text:

@@ -38,7 +38,8 @@ from xrayfeat.config import TrainConfig
 from xrayfeat.dataset import DatasetInfo, load_split, open_dataset, prepare_dataset, split_indices
 from xrayfeat.errors import DatasetError, UsageError
 from xrayfeat.runs import (CONFIG_FILE, CURVES_FILE, HISTORY_FILE, LAST_FILE, MODEL_FILE,
-                           RUN_FORMAT, STATE_FILE, VALIDATION_FILE, read_json, write_json)
+                           RUN_FORMAT, STATE_FILE, VALIDATION_FILE, load_model_safely, read_json,
+                           write_json)
 
 PREPARED_NAME = "data.h5"  # where a raw folder given to train is prepared, inside the run
 
@@ -446,11 +447,32 @@ def _train(data: Path, out: Path, config: TrainConfig, *, resume: bool, overwrit
         saved = read_json(out / CONFIG_FILE)
         config = TrainConfig(**{**saved["train"], "epochs": max(config.epochs,
                                                                 saved["train"]["epochs"])})
-        backup = None
-    else:
-        backup = _check_out(out, resume=False, overwrite=overwrite)
-        out.mkdir(parents=True, exist_ok=True)
+        config.validate()
+        return _train_in(data, out, config, resume=True, reporter=reporter, started=started)
     config.validate()
+    if data.is_file():
+        open_dataset(data)  # a file that is not a dataset is refused before --out is touched
+    created = not out.exists()
+    backup = _check_out(out, resume=False, overwrite=overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        result = _train_in(data, out, config, resume=False, reporter=reporter, started=started)
+    except BaseException:
+        if backup is not None:
+            # --overwrite was interrupted or failed: the previous run comes back whole.
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(backup, out)
+        elif created and not (out / STATE_FILE).exists():
+            shutil.rmtree(out, ignore_errors=True)  # nothing resumable: leave no empty run
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+    return result
+
+
+def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
+              reporter: TrainReporter | None, started: float) -> TrainResult:
+    """Prepare (for a folder), build or reload the model, fit, and finish the run in ``out``."""
     if data.is_dir():
         prepared = out / PREPARED_NAME
         if not (resume and prepared.is_file()):
@@ -501,7 +523,7 @@ def _train(data: Path, out: Path, config: TrainConfig, *, resume: bool, overwrit
 
     with strategy.scope():
         if resume:
-            model = keras.models.load_model(out / LAST_FILE, safe_mode=True)
+            model = load_model_safely(out / LAST_FILE, compile=True)
         else:
             model = build_minivggnet(n_classes, input_size=config.input_size,
                                      stored_size=info.size, width=config.width,
@@ -524,10 +546,7 @@ def _train(data: Path, out: Path, config: TrainConfig, *, resume: bool, overwrit
             model.fit(train_ds, epochs=config.epochs, initial_epoch=state["epoch"],
                       steps_per_epoch=steps, callbacks=callbacks, verbose=0, shuffle=False)
 
-    result = _finish(out, info, val, state, started)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-    return result
+    return _finish(out, info, val, state, started)
 
 
 def _roi_settings(path: Path) -> dict:
@@ -540,7 +559,6 @@ def _roi_settings(path: Path) -> dict:
 def _finish(out: Path, info: DatasetInfo, val, state: dict, started: float) -> TrainResult:
     """Threshold and metrics of the best model on validation; training curves."""
     from xrayfeat.evaluation import evaluate_predictions, youden_threshold
-    from xrayfeat.runs import load_model_safely
 
     model = load_model_safely(out / MODEL_FILE)
     probs = predict_local(model, val.images[..., None])
