@@ -199,47 +199,61 @@ def augment_batch(images, seeds, config: TrainConfig):
 def make_train_dataset(info: DatasetInfo, config: TrainConfig, initial_epoch: int,
                        weights: dict[int, float], n_classes: int):
     """tf.data pipeline of ``(images, one_hot, sample_weight)`` for epochs
-    ``initial_epoch .. config.epochs - 1``; returns the dataset and its steps per epoch."""
+    ``initial_epoch .. config.epochs - 1``; returns the dataset and its steps per epoch.
+
+    The train split is held in RAM when it fits ``memory_budget_mb`` (read once from the
+    HDF5 file), else streamed from the file batch by batch.
+    """
     import tensorflow as tf
 
-    # Plain TensorFlow code needs no AutoGraph conversion, and converting it prints
-    # warnings to the user's terminal ("AutoGraph could not transform ...").
-    plain = tf.autograph.experimental.do_not_convert
     n = len(split_indices(info.path, "train"))
-    steps = math.ceil(n / config.batch_size)
-    epochs = range(initial_epoch, config.epochs)
-    weight_table = tf.constant([weights[i] for i in range(n_classes)], tf.float32)
-    in_memory = n * info.size * info.size <= config.memory_budget_mb * 2**20
-
-    if in_memory:
+    if n * info.size * info.size <= config.memory_budget_mb * 2**20:
         arrays = load_split(info.path, "train")
-        images_t = tf.constant(arrays.images)
-        labels_t = tf.constant(arrays.labels, tf.int32)
-        orders = np.stack([epoch_order(n, config.seed, e) for e in epochs]) if len(epochs) else \
-            np.zeros((0, n), np.int64)
-        order_ds = tf.data.Dataset.from_tensor_slices(orders).flat_map(
-            plain(lambda order: tf.data.Dataset.from_tensor_slices(order).batch(config.batch_size)))
-        ds = order_ds.map(plain(lambda idx: (tf.gather(images_t, idx), tf.gather(labels_t, idx))),
-                          num_parallel_calls=tf.data.AUTOTUNE)
-    else:
-        from xrayfeat.dataset import iter_split
+        return pipeline_from_arrays(tf.constant(arrays.images),
+                                    tf.constant(arrays.labels, tf.int32),
+                                    config, initial_epoch, weights, n_classes)
+    from xrayfeat.dataset import iter_split
 
-        def generate():
-            for e in epochs:
-                yield from iter_split(info.path, "train", config.batch_size,
-                                      order=epoch_order(n, config.seed, e))
+    def generate():
+        for e in range(initial_epoch, config.epochs):
+            yield from iter_split(info.path, "train", config.batch_size,
+                                  order=epoch_order(n, config.seed, e))
 
-        ds = tf.data.Dataset.from_generator(generate, output_signature=(
-            tf.TensorSpec((None, info.size, info.size), tf.uint8),
-            tf.TensorSpec((None,), tf.int64)))
-        ds = ds.map(plain(lambda x, y: (x, tf.cast(y, tf.int32))))
+    source = tf.data.Dataset.from_generator(generate, output_signature=(
+        tf.TensorSpec((None, info.size, info.size), tf.uint8),
+        tf.TensorSpec((None,), tf.int64)))
+    return _finish_pipeline(source, lambda batch: (batch[0], tf.cast(batch[1], tf.int32)),
+                            n, config, initial_epoch, weights, n_classes)
 
+
+def pipeline_from_arrays(images, labels, config: TrainConfig, initial_epoch: int,
+                         weights: dict[int, float], n_classes: int):
+    """The training pipeline over images and labels already in memory (tensors)."""
+    import tensorflow as tf
+
+    n = int(labels.shape[0])
+    epochs = range(initial_epoch, config.epochs)
+    orders = (np.stack([epoch_order(n, config.seed, e) for e in epochs]) if len(epochs)
+              else np.zeros((0, n), np.int64))
+    source = tf.data.Dataset.from_tensor_slices(orders).flat_map(
+        tf.autograph.experimental.do_not_convert(
+            lambda order: tf.data.Dataset.from_tensor_slices(order).batch(config.batch_size)))
+    return _finish_pipeline(source, lambda idx: (tf.gather(images, idx), tf.gather(labels, idx)),
+                            n, config, initial_epoch, weights, n_classes)
+
+
+def _finish_pipeline(source, load, n: int, config: TrainConfig, initial_epoch: int,
+                     weights: dict[int, float], n_classes: int):
+    """One parallel map per batch: ``load`` it, augment, one-hot, weight; then prefetch."""
+    import tensorflow as tf
+
+    steps = math.ceil(n / config.batch_size)
+    weight_table = tf.constant([weights[i] for i in range(n_classes)], tf.float32)
     # Batch b of epoch e gets augmentation seed (seed, e * steps + b): resumable.
     batch_ids = tf.data.Dataset.range(initial_epoch * steps, config.epochs * steps)
-    ds = tf.data.Dataset.zip((ds, batch_ids))
 
-    def finish(pair, batch_id):
-        x, y = pair
+    def finish(item, batch_id):
+        x, y = load(item)
         x = tf.cast(x, tf.float32)[..., None]
         if config.augment:
             seeds = tf.stack([tf.constant(config.seed, tf.int64), batch_id])
@@ -249,7 +263,11 @@ def make_train_dataset(info: DatasetInfo, config: TrainConfig, initial_epoch: in
             one_hot = one_hot * (1 - config.label_smoothing) + config.label_smoothing / n_classes
         return x, one_hot, tf.gather(weight_table, y)
 
-    ds = ds.map(plain(finish), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    # Plain TensorFlow code needs no AutoGraph conversion, and converting it prints
+    # warnings to the user's terminal ("AutoGraph could not transform ...").
+    ds = tf.data.Dataset.zip((source, batch_ids)).map(
+        tf.autograph.experimental.do_not_convert(finish), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.with_options(options), steps
