@@ -6,7 +6,6 @@ import json
 
 import h5py
 import matplotlib.image as mpimg
-import numpy as np
 from typer.testing import CliRunner
 
 from conftest import EXAMPLES_DIR

@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from xrayfeat import __version__
-from xrayfeat.errors import EXIT_INTERRUPTED, EXIT_USAGE, NotAvailableError, XrayfeatError
+from xrayfeat.errors import EXIT_INTERRUPTED, EXIT_USAGE, XrayfeatError
 
 app = typer.Typer(
     name="xrayfeat",
@@ -188,10 +188,6 @@ def render_prepare(result) -> None:
     _print_skipped(result.skipped)
     if result.ignored:
         err_console.print(f"{result.ignored} file(s) without an image extension were ignored")
-
-
-def _not_yet(name: str) -> None:
-    raise NotAvailableError(f"'xrayfeat {name}' is not available yet in version {__version__}")
 
 
 class _TrainProgress:
