@@ -230,3 +230,34 @@ def test_refused_arguments_leave_no_run_folder(examples_h5, tmp_path):
     with pytest.raises(UsageError, match="larger than"):
         train(examples_h5, tmp_path / "r", _tiny_config(input_size=512))
     assert not (tmp_path / "r").exists()
+
+
+def test_overwrite_trains_beside_the_previous_run_until_it_finishes(examples_h5, tmp_path):
+    """A kill at any point of an --overwrite run leaves the previous run whole: while the
+    new one trains, the old one is still under its name."""
+    run = tmp_path / "run"
+    train(examples_h5, run, _tiny_config(epochs=1))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    seen = []
+
+    class Check(_InterruptAfterFirstEpoch):
+        def on_epoch_end(self, epoch, logs):
+            seen.append({p.name: p.read_bytes() for p in run.iterdir()} == before)
+
+    result = train(examples_h5, run, _tiny_config(epochs=2, seed=7), overwrite=True,
+                   reporter=Check())
+    assert seen == [True, True]
+    assert result.run == run and result.epochs_run == 2
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["seed"] == 7
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_raw_folder_run_records_its_final_data_path(tmp_path):
+    from conftest import EXAMPLES_DIR
+
+    run = tmp_path / "run"
+    train(EXAMPLES_DIR, run, _tiny_config(epochs=1))
+    train(EXAMPLES_DIR, run, _tiny_config(epochs=1), overwrite=True)
+    config = json.loads((run / "config.json").read_text())
+    assert Path(config["data"]["path"]) == (run / "data.h5").resolve()

@@ -114,26 +114,31 @@ def val_auc(labels: np.ndarray, probs: np.ndarray) -> float:
 # --- run directory ---------------------------------------------------------------------------
 
 
-def _check_out(out: Path, resume: bool, overwrite: bool) -> Path | None:
-    """Validate ``--out``; returns the backup of a previous run moved aside by --overwrite."""
+def _check_out(out: Path, resume: bool, overwrite: bool) -> bool:
+    """Validate ``--out``; True when it holds a previous run that --overwrite will replace."""
     if resume:
         missing = [f for f in (CONFIG_FILE, STATE_FILE, LAST_FILE) if not (out / f).is_file()]
         if missing:
             raise UsageError(f"cannot --resume {out}: {', '.join(missing)} missing "
                              "(no finished epoch to resume from)")
-        return None
+        return False
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the run")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise UsageError(f"{out} exists and is not empty; pass --resume to continue it "
                              "or --overwrite to replace it")
-        # Keep the previous run until the new one has finished: nothing is lost on Ctrl-C.
-        backup = temporary_sibling(out, ".previous")
-        backup.unlink()
-        os.replace(out, backup)
-        return backup
-    return None
+        return True
+    return False
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Replace the run in ``out`` by the finished run in ``new`` (two renames)."""
+    backup = temporary_sibling(out, ".previous")
+    backup.unlink()
+    os.replace(out, backup)
+    os.replace(new, out)
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 def _versions() -> dict[str, str]:
@@ -471,26 +476,37 @@ def _train(data: Path, out: Path, config: TrainConfig, *, resume: bool, overwrit
     if data.is_file():
         open_dataset(data)  # a file that is not a dataset is refused before --out is touched
     created = not out.exists()
-    backup = _check_out(out, resume=False, overwrite=overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    replace = _check_out(out, resume=False, overwrite=overwrite)
+    # --overwrite trains beside the previous run and swaps it in only when finished: a
+    # crash, Ctrl-C or kill leaves the previous run whole under its name.
+    work = out
+    if replace:
+        work = temporary_sibling(out, ".new")
+        work.unlink()
+    work.mkdir(parents=True, exist_ok=True)
     try:
-        result = _train_in(data, out, config, resume=False, reporter=reporter, started=started)
+        result = _train_in(data, work, config, resume=False, reporter=reporter,
+                           started=started, final=out)
     except BaseException:
-        if backup is not None:
-            # --overwrite was interrupted or failed: the previous run comes back whole.
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(backup, out)
+        if replace:
+            shutil.rmtree(work, ignore_errors=True)
         elif created and not (out / STATE_FILE).exists():
             shutil.rmtree(out, ignore_errors=True)  # nothing resumable: leave no empty run
         raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+    if replace:
+        _swap_in(work, out)
+        result.run = out
     return result
 
 
 def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
-              reporter: TrainReporter | None, started: float) -> TrainResult:
-    """Prepare (for a folder), build or reload the model, fit, and finish the run in ``out``."""
+              reporter: TrainReporter | None, started: float,
+              final: Path | None = None) -> TrainResult:
+    """Prepare (for a folder), build or reload the model, fit, and finish the run in ``out``.
+
+    ``final`` is where the run will live when ``out`` is a temporary folder (--overwrite).
+    """
+    final = final or out
     if data.is_dir():
         prepared = out / PREPARED_NAME
         if not (resume and prepared.is_file()):
@@ -534,7 +550,7 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
             "class_weights": weights,
             "preprocess": {"size": info.size, "roi": info.roi,
                            "roi_settings": _roi_settings(info.path)},
-            "data": {"path": str(data.resolve()), "sha256": file_sha256(data),
+            "data": {"path": str(_final_path(data, out, final)), "sha256": file_sha256(data),
                      "splits": info.split_counts, "label_mode": info.label_mode},
             "versions": _versions(),
         })
@@ -565,6 +581,12 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
                       steps_per_epoch=steps, callbacks=callbacks, verbose=0, shuffle=False)
 
     return _finish(out, info, val, state, started)
+
+
+def _final_path(path: Path, out: Path, final: Path) -> Path:
+    """Where ``path`` will be once the run in ``out`` has moved to ``final``."""
+    path, out = path.resolve(), out.resolve()
+    return final.resolve() / path.relative_to(out) if path.is_relative_to(out) else path
 
 
 def _roi_settings(path: Path) -> dict:
