@@ -56,7 +56,13 @@ def start(args: list[str], logs: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "xrayfeat", *args],
                             stdout=open(logs / "stdout.txt", "wb"),
                             stderr=open(logs / "stderr.txt", "wb"),
-                            stdin=subprocess.DEVNULL, env=env)
+                            stdin=subprocess.DEVNULL, env=env, preexec_fn=_ctrl_c_reaches_it)
+
+
+def _ctrl_c_reaches_it() -> None:
+    """Undo an inherited "ignore SIGINT" in the child (a test suite started in the
+    background by a non-interactive shell, as CI may be), as a terminal user has it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_until(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None:
