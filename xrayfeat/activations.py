@@ -835,9 +835,9 @@ def class_contrast(
     ``top_k`` per layer and comparison), ``OUT/contrast_d<depth>_<layer>_class_means.png``,
     ``OUT/contrast_d<depth>_<layer>_top_<a>_vs_<b>.png`` and ``OUT/index.html``.
     """
-    from xrayfeat.dataset import iter_split, open_dataset
+    from xrayfeat.dataset import iter_split
     from xrayfeat.figures import plot_class_means, plot_top_channels
-    from xrayfeat.runs import check_dataset_matches, load_run
+    from xrayfeat.runs import open_run_on_split
 
     started = time.perf_counter()
     out = Path(out)
@@ -846,11 +846,8 @@ def class_contrast(
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     _check_cmap(cmap)
-    run = load_run(run_path)
-    info = open_dataset(data)
-    total = info.require_split(split)
+    run, info, total = open_run_on_split(run_path, data, split)
     classes = run.classes
-    check_dataset_matches(run, info)
     model = run.load_model()
     convs = conv_layers(model)
     if not convs:

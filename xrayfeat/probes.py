@@ -457,9 +457,8 @@ def depth_probes(
     ``on_fit_start(layers)``/``on_fit(1)`` the probe fits.
     """
     from xrayfeat.activations import prepare_out_dir
-    from xrayfeat.dataset import open_dataset
     from xrayfeat.figures import plot_probe_auc
-    from xrayfeat.runs import check_dataset_matches, load_run, write_json
+    from xrayfeat.runs import open_run_on_split, write_json
 
     started = time.perf_counter()
     out = Path(out)
@@ -471,11 +470,8 @@ def depth_probes(
         raise UsageError(f"folds must be at least {MIN_FOLDS}, got {n_folds}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    run = load_run(run_path)
-    info = open_dataset(data)
-    total = info.require_split(split)
+    run, info, total = open_run_on_split(run_path, data, split)
     classes = run.classes
-    check_dataset_matches(run, info)
     model = run.load_model()
     layers = probe_points(model)
     prepare_out_dir(out, overwrite)

@@ -204,3 +204,18 @@ def check_dataset_matches(run: Run, info) -> None:
         raise UsageError(f"{info.path} stores {info.size} px images but run {run.path} takes "
                          f"{run.preprocess.size} px; prepare the data with --size "
                          f"{run.preprocess.size}")
+
+
+def open_run_on_split(run_path: str | os.PathLike, data: str | os.PathLike, split: str):
+    """Load a run and the prepared dataset it will read one split of, checked together.
+
+    Returns ``(run, info, n)`` with ``n`` the split's image count; one-line errors for a
+    missing run, a file that is not a dataset, an empty split or mismatched classes/size.
+    """
+    from xrayfeat.dataset import open_dataset
+
+    run = load_run(run_path)
+    info = open_dataset(data)
+    n = info.require_split(split)
+    check_dataset_matches(run, info)
+    return run, info, n
