@@ -11,7 +11,8 @@ absolute numbers drift:
 FLOPs are counted from the layers (xrayfeat.model.forward_flops); a training step is
 counted as 3x the forward pass (forward, plus backward for activations and weights).
 
-    python bench/train.py [--data /tmp/k224.h5] [--images 1024] [--input-size 96]
+    xrayfeat prepare ../shared/data/kermany_224/train --out data/k224.h5
+    python bench/train.py --data data/k224.h5 [--images 1024] [--input-size 96]
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ def time_epochs(model, dataset, steps: int, epochs: int = 2) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("/tmp/k224.h5"),
-                        help="a dataset from 'xrayfeat prepare' (224 px)")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="a dataset from 'xrayfeat prepare' (224 px), e.g. of "
+                             "../shared/data/kermany_224/train")
     parser.add_argument("--images", type=int, default=1024, help="train images per epoch")
     parser.add_argument("--input-size", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per variant")
