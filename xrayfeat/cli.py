@@ -51,6 +51,25 @@ def _root(
     _state["debug"] = debug
 
 
+def _quiet_tensorflow() -> None:
+    """Import TensorFlow with its C++ start-up lines (oneDNN, absl) kept off the terminal.
+
+    They are written to file descriptor 2 before any log level applies; a Python error
+    during the import still surfaces as an exception.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import keras  # noqa: F401
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def friendly_errors(command: Callable) -> Callable:
     """Turn the core's exceptions into one line on stderr and a documented exit code."""
 
@@ -259,6 +278,8 @@ def train(
     """
     from xrayfeat.config import load_train_config
 
+    _quiet_tensorflow()
+
     settings = load_train_config(config, {
         "input_size": input_size, "width": width, "epochs": epochs, "batch_size": batch_size,
         "lr": lr, "seed": seed, "class_weight": class_weight, "augment": augment,
@@ -320,6 +341,8 @@ def evaluate(
     """
     from xrayfeat.errors import UsageError
     from xrayfeat.evaluation import evaluate_runs
+
+    _quiet_tensorflow()
 
     if len(paths) < 2:
         raise UsageError("give RUN [RUN...] DATA: at least one run directory and the data")
@@ -412,6 +435,8 @@ def predict(
     [bold]Example:[/] xrayfeat predict runs/mvgg ~/incoming/ --out preds.csv
     """
     from xrayfeat.errors import EXIT_FAILURES
+
+    _quiet_tensorflow()
     from xrayfeat.prediction import predict as predict_run
 
     with _progress() as progress:
@@ -504,6 +529,8 @@ def visualize_layers(
     val --probe --out probes/).
     """
     from xrayfeat.errors import UsageError
+
+    _quiet_tensorflow()
 
     if layers not in ("conv", "all"):
         raise UsageError(f"--layers must be 'conv' or 'all', got {layers!r}")
