@@ -80,10 +80,15 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1024, help="train images per epoch")
     parser.add_argument("--input-size", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per variant")
+    parser.add_argument("--policy", default="float32",
+                        help="Keras dtype policy to try, e.g. mixed_bfloat16 (not the default "
+                             "recipe: an experiment for CPUs with AVX512_BF16)")
     args = parser.parse_args()
 
     import keras
     import tensorflow as tf
+
+    keras.mixed_precision.set_global_policy(args.policy)
 
     from xrayfeat.config import TrainConfig
     from xrayfeat.dataset import load_split, open_dataset
@@ -113,7 +118,8 @@ def main() -> None:
     print(f"machine: {platform.node()}, {os.cpu_count()} cores, tensorflow {tf.__version__}, "
           f"numpy {np.__version__}")
     print(f"model: MiniVGGNet, input {config.input_size} px from {info.size} px stored images, "
-          f"batch {config.batch_size}; {flops_per_image / 1e9:.3f} GFLOP per training image")
+          f"batch {config.batch_size}, dtype policy {args.policy}; "
+          f"{flops_per_image / 1e9:.3f} GFLOP per training image")
     print(f"{n} train images per epoch, {args.epochs} timed epochs per variant")
     print(f"numpy float32 matmul peak: {peak:.1f} GFLOP/s")
 
