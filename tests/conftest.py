@@ -76,13 +76,11 @@ def write_image(path: str | Path, image: np.ndarray, quality: int = 95) -> Path:
     return path
 
 
-def write_dicom_file(
-    path: Path, pixels: np.ndarray | None, *, photometric: str = "MONOCHROME2",
-    slope: float | None = None, intercept: float | None = None,
-    window: tuple[float, float] | None = None, rows_cols: tuple[int, int] | None = None,
-) -> Path:
-    """A minimal, valid Part-10 DICOM file (pydicom 3 API), 16-bit stored in 12 bits."""
-    pydicom = pytest.importorskip("pydicom")
+def dicom_dataset():
+    """An empty secondary-capture DICOM dataset with its file meta and UIDs filled in.
+
+    Raises ImportError without pydicom; callers add the image attributes they test.
+    """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -94,6 +92,39 @@ def write_dicom_file(
     ds.file_meta = meta
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    return ds
+
+
+def one_error_line(result) -> str:
+    """Exit 2, exactly one non-empty line on stderr that starts with 'error:', no traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:"), lines
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def copy_moving_split(src: Path, dst: Path, split: str) -> Path:
+    """Copy a prepared dataset with every ``split`` image relabelled as train."""
+    import h5py
+
+    dst.write_bytes(src.read_bytes())
+    with h5py.File(dst, "r+") as h5:
+        splits = h5["split"].asstr()[:]
+        splits[splits == split] = "train"
+        h5["split"][:] = splits.astype(object)
+    return dst
+
+
+def write_dicom_file(
+    path: Path, pixels: np.ndarray | None, *, photometric: str = "MONOCHROME2",
+    slope: float | None = None, intercept: float | None = None,
+    window: tuple[float, float] | None = None, rows_cols: tuple[int, int] | None = None,
+) -> Path:
+    """A minimal, valid Part-10 DICOM file (pydicom 3 API), 16-bit stored in 12 bits."""
+    pydicom = pytest.importorskip("pydicom")
+    ds = dicom_dataset()
     ds.Modality = "CR"
     ds.PatientID = "TEST"
     rows, cols = rows_cols or pixels.shape

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import make_synthetic_xray, write_dicom_file
+from conftest import make_synthetic_xray, one_error_line, write_dicom_file
 from xrayfeat.cli import app
 from xrayfeat.dataset import prepare_dataset
 from xrayfeat.errors import ImageReadError, RunError, UsageError
@@ -222,16 +222,6 @@ def test_predict_cli_on_hostile_files_exit_codes(trained_run, hostile_folder, tm
 
 
 # --------------------------------------------------------------------------- wrong arguments
-
-def one_error_line(result) -> str:
-    """Exit 2, exactly one non-empty line on stderr that starts with 'error:', no traceback."""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:"), lines
-    assert "Traceback" not in result.output
-    return lines[0]
-
 
 @pytest.fixture(scope="module")
 def bad(tmp_path_factory, trained_run, examples_h5) -> dict[str, Path]:

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from conftest import make_synthetic_xray
+from conftest import dicom_dataset, make_synthetic_xray
 from xrayfeat.errors import ImageReadError
 from xrayfeat.imaging import decode_radiograph
 from xrayfeat.preprocessing import PreprocessSettings, prepare_array, prepare_file
@@ -60,18 +60,9 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
 def _dicom_bytes() -> bytes | None:
     """A small valid DICOM file, or None without pydicom."""
     try:
-        from pydicom.dataset import Dataset, FileMetaDataset
-        from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+        ds = dicom_dataset()
     except ImportError:
         return None
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality, ds.Rows, ds.Columns, ds.SamplesPerPixel = "CR", 48, 48, 1
     ds.PhotometricInterpretation = "MONOCHROME1"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
@@ -184,17 +175,7 @@ def test_dicom_with_any_pixel_and_window_attributes(bits, stored, samples, signe
 
 def _write_fuzzed_dicom(buffer, bits, stored, samples, signed, photometric, frames, slope,
                         intercept, center, width, voi_function, size_delta, seed) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds = dicom_dataset()
     ds.Modality, ds.Rows, ds.Columns, ds.SamplesPerPixel = "CR", 40, 36, samples
     ds.PhotometricInterpretation = photometric
     ds.BitsAllocated, ds.BitsStored = bits, stored

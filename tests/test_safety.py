@@ -15,23 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from conftest import make_synthetic_xray
+from conftest import make_synthetic_xray, one_error_line
 from xrayfeat.activations import MAX_STEM_BYTES, _inside, safe_stem, unique_stems
 from xrayfeat.cli import app
 from xrayfeat.errors import RunError
 from xrayfeat.runs import load_run
 
 runner = CliRunner()
-
-
-def one_error_line(result) -> str:
-    """Exit 2 and exactly one non-empty line on stderr, no traceback."""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:"), lines
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 def copy_run(trained_run: Path, dest: Path) -> Path:

@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import copy_moving_split
 from xrayfeat.config import TrainConfig, load_train_config
 from xrayfeat.errors import DatasetError, UsageError
 from xrayfeat.training import class_weights, epoch_order, train
@@ -193,12 +194,7 @@ def test_bad_data_is_a_one_line_error(tmp_path, examples_h5):
 
 
 def test_dataset_without_validation_images_is_refused(examples_h5, tmp_path):
-    copy = tmp_path / "noval.h5"
-    copy.write_bytes(examples_h5.read_bytes())
-    with h5py.File(copy, "r+") as h5:
-        split = h5["split"].asstr()[:]
-        split[split == "val"] = "train"
-        h5["split"][:] = split.astype(object)
+    copy = copy_moving_split(examples_h5, tmp_path / "noval.h5", "val")
     with pytest.raises(DatasetError, match="no 'val' images"):
         train(copy, tmp_path / "r", _tiny_config())
 
