@@ -163,6 +163,26 @@ def test_command_help(name):
     assert "Usage" in result.stdout
 
 
+def test_train_help_shows_the_defaults_the_code_uses():
+    from xrayfeat.config import TrainConfig
+
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    defaults = TrainConfig()
+    for option, value in (("--input-size", defaults.input_size), ("--epochs", defaults.epochs),
+                          ("--precision", defaults.precision)):
+        line = next(line for line in result.stdout.splitlines() if option in line)
+        assert f"[default: {value}]" in line, line
+
+
+def test_train_refuses_an_unknown_precision_in_one_line(tmp_path):
+    result = runner.invoke(app, ["train", str(tmp_path), "--out", str(tmp_path / "run"),
+                                 "--precision", "float16"])
+    assert result.exit_code == 2
+    assert "--precision" in one_line_error(result)
+    assert not (tmp_path / "run").exists()
+
+
 def test_python_dash_m_help():
     proc = subprocess.run([sys.executable, "-m", "xrayfeat", "--help"],
                           capture_output=True, text=True, timeout=60)

@@ -51,6 +51,59 @@ def test_width_multiplier_and_flop_count():
     assert forward_flops(model) == expected
 
 
+def test_bfloat16_model_has_a_float32_twin_with_the_same_weights():
+    from xrayfeat.model import build_minivggnet, float32_twin, is_float32
+
+    model = build_minivggnet(2, input_size=32, stored_size=48, width=0.25, precision="bfloat16")
+    assert model.get_layer("block1_conv1").compute_dtype == "bfloat16"
+    # Weights, the input scaling and the softmax stay float32.
+    assert model.get_layer("block1_conv1").kernel.dtype == "float32"
+    assert model.get_layer("predictions").compute_dtype == "float32"
+    assert not is_float32(model)
+    twin = float32_twin(model)
+    assert is_float32(twin)
+    assert [layer.name for layer in twin.layers] == [layer.name for layer in model.layers]
+    for a, b in zip(model.get_weights(), twin.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    images = np.random.default_rng(0).uniform(0, 255, (4, 48, 48, 1)).astype(np.float32)
+    mixed, exact = model(images).numpy(), twin(images).numpy()
+    assert mixed.dtype == exact.dtype == np.float32
+    # Same function, up to bfloat16 rounding (3 significant digits) of the activations.
+    np.testing.assert_allclose(mixed, exact, atol=0.02)
+
+
+def test_validation_scoring_traces_once_and_matches_the_model():
+    from xrayfeat.model import build_minivggnet
+    from xrayfeat.training import _FORWARD, predict_local
+
+    model = build_minivggnet(2, input_size=32, stored_size=32, width=0.25)
+    images = np.random.default_rng(1).uniform(0, 255, (300, 32, 32, 1)).astype(np.float32)
+    probs = predict_local(model, images, batch_size=128)  # 128 + 128 + 44 (padded)
+    assert probs.shape == (300, 2)
+    np.testing.assert_allclose(probs, model(images, training=False).numpy(), atol=1e-5)
+    np.testing.assert_array_equal(predict_local(model, images[:7], batch_size=128), probs[:7])
+    # One trace for every batch length, so TensorFlow never warns about retracing.
+    assert _FORWARD[model].experimental_get_tracing_count() == 1
+
+
+def test_auto_precision_follows_the_cpu(tmp_path, monkeypatch):
+    from xrayfeat import model as model_module
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 vaes\n")
+    assert model_module.cpu_has_native_bfloat16(cpuinfo)
+    cpuinfo.write_text("processor: 0\nflags\t\t: fpu sse avx2 avx512f\n")
+    assert not model_module.cpu_has_native_bfloat16(cpuinfo)
+    assert not model_module.cpu_has_native_bfloat16(tmp_path / "missing")
+
+    monkeypatch.setattr(model_module, "cpu_has_native_bfloat16", lambda: True)
+    assert model_module.resolve_precision("auto") == "bfloat16"
+    assert model_module.resolve_precision("auto", has_gpu=True) == "float32"
+    monkeypatch.setattr(model_module, "cpu_has_native_bfloat16", lambda: False)
+    assert model_module.resolve_precision("auto") == "float32"
+    assert model_module.resolve_precision("bfloat16") == "bfloat16"
+
+
 # --------------------------------------------------------------------------- config
 
 
@@ -71,7 +124,8 @@ def test_unknown_toml_key_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("override", [{"class_weight": "sometimes"}, {"epochs": 0},
-                                      {"strategy": "cluster"}, {"input_size": 8}])
+                                      {"strategy": "cluster"}, {"input_size": 8},
+                                      {"precision": "float16"}])
 def test_bad_values_are_usage_errors(override):
     with pytest.raises(UsageError):
         load_train_config(None, override)
@@ -154,15 +208,47 @@ def _tiny_config(**kw) -> TrainConfig:
     return TrainConfig(**{"input_size": 32, "epochs": 2, "batch_size": 16, "width": 0.25, **kw})
 
 
-def test_resume_finishes_with_the_same_history_as_an_uninterrupted_run(examples_h5, tmp_path):
-    full = train(examples_h5, tmp_path / "full", _tiny_config())
-    train(examples_h5, tmp_path / "part", _tiny_config(epochs=1))
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_resume_finishes_with_the_same_history_as_an_uninterrupted_run(examples_h5, tmp_path,
+                                                                       precision):
+    full = train(examples_h5, tmp_path / "full", _tiny_config(precision=precision))
+    train(examples_h5, tmp_path / "part", _tiny_config(epochs=1, precision=precision))
     resumed = train(examples_h5, tmp_path / "part", _tiny_config(epochs=2), resume=True)
     assert resumed.epochs_run == 2
     for a, b in zip(full.history, resumed.history):
         assert a["epoch"] == b["epoch"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["val_auc"] == pytest.approx(b["val_auc"], abs=1e-6)
+
+
+def test_streaming_from_disk_trains_exactly_as_in_memory(examples_h5, tmp_path):
+    # memory_budget_mb=0 streams the train split batch by batch from the HDF5 file (the path
+    # for datasets larger than RAM); it must see the same batches as the in-memory path.
+    in_ram = train(examples_h5, tmp_path / "ram", _tiny_config(precision="float32"))
+    streamed = train(examples_h5, tmp_path / "disk",
+                     _tiny_config(precision="float32", memory_budget_mb=0))
+    for a, b in zip(in_ram.history, streamed.history, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["val_auc"] == pytest.approx(b["val_auc"], abs=1e-9)
+
+
+def test_bfloat16_training_scores_and_saves_a_float32_model(examples_h5, tmp_path):
+    from xrayfeat.dataset import load_split
+    from xrayfeat.model import is_float32
+    from xrayfeat.runs import load_model_safely
+    from xrayfeat.training import predict_local, val_auc
+
+    result = train(examples_h5, tmp_path / "run", _tiny_config(precision="bfloat16"))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["train"]["precision"] == "bfloat16" and config["precision"] == "bfloat16"
+    best = load_model_safely(tmp_path / "run" / "model.keras")
+    assert is_float32(best)  # what predict, evaluate and visualize-layers will load
+    # The checkpoint for --resume keeps training in bfloat16.
+    assert not is_float32(load_model_safely(tmp_path / "run" / "last.keras"))
+    # The validation AUC that chose the best epoch is the saved float32 model's own.
+    val = load_split(examples_h5, "val")
+    assert val_auc(val.labels, predict_local(best, val.images[..., None])) == \
+        pytest.approx(result.best_val_auc, abs=1e-9)
 
 
 def test_existing_run_is_refused_without_resume_or_overwrite(trained_run, examples_h5):

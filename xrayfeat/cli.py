@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from xrayfeat import __version__
+from xrayfeat.config import TrainConfig
 from xrayfeat.errors import EXIT_INTERRUPTED, EXIT_USAGE, XrayfeatError
 
 app = typer.Typer(
@@ -34,6 +35,7 @@ app = typer.Typer(
 out_console = Console()  # results
 err_console = Console(stderr=True)  # progress, messages, errors
 _state = {"debug": False}
+_DEFAULTS = TrainConfig()  # shown in --help, so the help can never disagree with the code
 
 
 def _version(value: bool) -> None:
@@ -254,18 +256,24 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with any of the "
                                           "settings below (unknown keys are errors)."),
     input_size: Optional[int] = typer.Option(None, help="Pixels a side the network sees "
-                                             "[default: 128]."),
-    width: Optional[float] = typer.Option(None, help="Width multiplier [default: 1.0]."),
-    epochs: Optional[int] = typer.Option(None, help="Maximum epochs [default: 10]."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size [default: 32]."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate [default: 0.001]."),
-    seed: Optional[int] = typer.Option(None, help="Random seed [default: 42]."),
+                                             f"\\[default: {_DEFAULTS.input_size}]."),
+    width: Optional[float] = typer.Option(None, help="Width multiplier "
+                                          f"\\[default: {_DEFAULTS.width}]."),
+    epochs: Optional[int] = typer.Option(None, help="Maximum epochs "
+                                         f"\\[default: {_DEFAULTS.epochs}]."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size "
+                                             f"\\[default: {_DEFAULTS.batch_size}]."),
+    lr: Optional[float] = typer.Option(None, help=f"Learning rate \\[default: {_DEFAULTS.lr}]."),
+    seed: Optional[int] = typer.Option(None, help=f"Random seed \\[default: {_DEFAULTS.seed}]."),
     class_weight: Optional[str] = typer.Option(None, help="'balanced' or 'none' "
-                                               "[default: balanced]."),
+                                               f"\\[default: {_DEFAULTS.class_weight}]."),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment",
-                                           help="Radiograph-safe augmentation [default: on]."),
+                                           help="Radiograph-safe augmentation \\[default: on]."),
+    precision: Optional[str] = typer.Option(None, help="auto, float32 or bfloat16 arithmetic; "
+                                            "auto picks bfloat16 on CPUs that have it "
+                                            f"\\[default: {_DEFAULTS.precision}]."),
     strategy: Optional[str] = typer.Option(None, help="auto, mirrored or multi-worker "
-                                           "(TF_CONFIG) [default: auto]."),
+                                           f"(TF_CONFIG) \\[default: {_DEFAULTS.strategy}]."),
     tensorboard: Optional[Path] = typer.Option(None, help="Write TensorBoard logs here."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last epoch."),
     overwrite: bool = typer.Option(False, help="Replace an existing run (kept until the new "
@@ -283,7 +291,7 @@ def train(
     settings = load_train_config(config, {
         "input_size": input_size, "width": width, "epochs": epochs, "batch_size": batch_size,
         "lr": lr, "seed": seed, "class_weight": class_weight, "augment": augment,
-        "strategy": strategy, "tensorboard": str(tensorboard) if tensorboard else None,
+        "precision": precision, "strategy": strategy, "tensorboard": str(tensorboard) if tensorboard else None,
     })
     from xrayfeat.training import train as train_run
 
@@ -417,7 +425,7 @@ def predict(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (.csv, .jsonl "
                                        "or .json); without it, a table on the terminal."),
     fmt: Optional[str] = typer.Option(None, "--format", help="csv, jsonl or json "
-                                      "[default: from --out's extension, else csv]."),
+                                      "\\[default: from --out's extension, else csv]."),
     threshold: Optional[float] = typer.Option(None, help="Override the run's operating "
                                               "threshold (binary runs)."),
     gradcam: Optional[Path] = typer.Option(None, "--gradcam", help="Also write a Grad-CAM "
@@ -490,7 +498,7 @@ def visualize_layers(
     max_channels: int = typer.Option(64, "--max-channels", help="Channels tiled per grid "
                                      "(the first N)."),
     shared_scale: bool = typer.Option(False, "--shared-scale", help="One colour scale across "
-                                      "a layer's channels [default: each channel min-max "
+                                      "a layer's channels \\[default: each channel min-max "
                                       "scaled on its own]."),
     cmap: str = typer.Option("viridis", "--cmap", help="Matplotlib colormap of the grids."),
     filters: bool = typer.Option(False, "--filters", help="Also draw the first conv layer's "
@@ -498,7 +506,7 @@ def visualize_layers(
     cam: str = typer.Option("gradcam", "--cam", help="Heatmap of the overview: gradcam, "
                             "gradcam++ or scorecam (Grad-CAM is always written too)."),
     class_name: Optional[str] = typer.Option(None, "--class", help="Explain this class "
-                                             "[default: the predicted class]."),
+                                             "\\[default: the predicted class]."),
     data: Optional[Path] = typer.Option(None, "--data", help="Dataset (.h5) for --contrast "
                                         "and --probe."),
     split: str = typer.Option("val", "--split", help="Split of --data for --contrast and "
@@ -514,9 +522,9 @@ def visualize_layers(
     pool: str = typer.Option("avg", "--pool", help="How --probe pools a layer's maps to one "
                              "number per channel: avg or max."),
     pool_grid: int = typer.Option(1, "--pool-grid", help="--probe pools over an N x N grid "
-                                  "of cells (N*N numbers per channel) [default: 1, global]."),
+                                  "of cells (N*N numbers per channel) \\[default: 1, global]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward "
-                                             "pass [default: 8, or 64 with --contrast or "
+                                             "pass \\[default: 8, or 64 with --contrast or "
                                              "--probe]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out."),
 ) -> None:

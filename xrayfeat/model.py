@@ -12,6 +12,10 @@ the same stored images, so resizing and scaling can never differ between train a
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+from typing import Any
+
 import keras
 from keras import layers
 
@@ -21,6 +25,34 @@ CONV_LAYERS = ("block1_conv1", "block1_conv2", "block2_conv1", "block2_conv2")
 #: weights; with ~150 steps an epoch, validation scores of the first epochs collapsed to
 #: chance (measured: val AUC 0.90 then 0.50); 0.9 tracks them within an epoch.
 BN_MOMENTUM = 0.9
+#: Training precisions: ``bfloat16`` computes convolutions and matrix products in bfloat16
+#: with float32 weights (Keras' "mixed_bfloat16"); ``float32`` computes everything in float32.
+PRECISIONS = ("auto", "float32", "bfloat16")
+_POLICY = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
+
+
+def cpu_has_native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512_BF16 or AMX-BF16).
+
+    Without it oneDNN emulates bfloat16, which is slower than float32.
+    """
+    if platform.system() != "Linux":
+        return False
+    try:
+        flags = next((line for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, *, has_gpu: bool = False) -> str:
+    """``auto`` becomes ``bfloat16`` on a CPU-only host with native bfloat16 (measured 1.3x
+    faster training there, same validation AUC: BENCHMARKS.md) and ``float32`` elsewhere
+    (GPUs untried here)."""
+    if precision != "auto":
+        return precision
+    return "bfloat16" if not has_gpu and cpu_has_native_bfloat16() else "float32"
 
 
 def build_minivggnet(
@@ -31,6 +63,7 @@ def build_minivggnet(
     width: float = 1.0,
     channels: int = 1,
     synchronized_bn: bool = False,
+    precision: str = "float32",
     name: str = "minivggnet",
 ) -> keras.Model:
     """Build an uncompiled MiniVGGNet.
@@ -39,9 +72,14 @@ def build_minivggnet(
     resized to ``input_size`` inside the model. ``width`` multiplies every layer's units.
     ``synchronized_bn`` shares batch statistics across tf.distribute replicas, so every
     worker keeps the same moving averages (and so the same validation scores).
+    ``precision`` (``float32`` or ``bfloat16``) is the compute dtype of the layers between
+    the input scaling and the softmax; both of those stay float32.
     """
     if num_classes < 2:
         raise ValueError("a classifier needs at least two classes")
+    if precision not in _POLICY:
+        raise ValueError(f"precision must be one of {sorted(_POLICY)}, got {precision!r}")
+    policy = _POLICY[precision]
     stored_size = stored_size or input_size
     f1, f2, dense = (max(1, round(n * width)) for n in (32, 64, 512))
     inputs = keras.Input((stored_size, stored_size, channels), name="image")
@@ -50,25 +88,57 @@ def build_minivggnet(
         # Antialiased bilinear: no aliasing when shrinking 224 -> 64, and unlike "area" it
         # has a gradient, which saliency and Grad-CAM through the input need.
         x = layers.Resizing(input_size, input_size, interpolation="bilinear", antialias=True,
-                            name="resize")(x)
-    x = layers.Rescaling(1.0 / 255.0, name="rescale")(x)
+                            dtype="float32", name="resize")(x)
+    x = layers.Rescaling(1.0 / 255.0, dtype="float32", name="rescale")(x)
     for block, filters in ((1, f1), (2, f2)):
         for conv in (1, 2):
-            x = layers.Conv2D(filters, 3, padding="same", name=f"block{block}_conv{conv}")(x)
-            x = layers.Activation("relu", name=f"block{block}_relu{conv}")(x)
+            x = layers.Conv2D(filters, 3, padding="same", dtype=policy,
+                              name=f"block{block}_conv{conv}")(x)
+            x = layers.Activation("relu", dtype=policy, name=f"block{block}_relu{conv}")(x)
             x = layers.BatchNormalization(axis=-1, momentum=BN_MOMENTUM,
-                                          synchronized=synchronized_bn,
+                                          synchronized=synchronized_bn, dtype=policy,
                                           name=f"block{block}_bn{conv}")(x)
-        x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
-        x = layers.Dropout(0.25, name=f"block{block}_dropout")(x)
-    x = layers.Flatten(name="flatten")(x)
-    x = layers.Dense(dense, name="fc1")(x)
-    x = layers.Activation("relu", name="fc1_relu")(x)
+        x = layers.MaxPooling2D(2, dtype=policy, name=f"block{block}_pool")(x)
+        x = layers.Dropout(0.25, dtype=policy, name=f"block{block}_dropout")(x)
+    x = layers.Flatten(dtype=policy, name="flatten")(x)
+    x = layers.Dense(dense, dtype=policy, name="fc1")(x)
+    x = layers.Activation("relu", dtype=policy, name="fc1_relu")(x)
     x = layers.BatchNormalization(axis=-1, momentum=BN_MOMENTUM,
-                                  synchronized=synchronized_bn, name="fc1_bn")(x)
-    x = layers.Dropout(0.5, name="fc1_dropout")(x)
-    outputs = layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+                                  synchronized=synchronized_bn, dtype=policy, name="fc1_bn")(x)
+    x = layers.Dropout(0.5, dtype=policy, name="fc1_dropout")(x)
+    # Softmax in float32: bfloat16 has 3 significant digits, too few for probabilities
+    # near 0 or 1 (and for the thresholds chosen on them).
+    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32",
+                           name="predictions")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def is_float32(model: keras.Model) -> bool:
+    """Whether every layer of ``model`` computes in float32."""
+    return all(layer.dtype_policy.name == "float32" for layer in model.layers)
+
+
+def float32_twin(model: keras.Model) -> keras.Model:
+    """A float32 copy of ``model`` with the same weights (no optimizer).
+
+    Training may run in bfloat16, but the saved model, its validation scores and everything
+    computed from it later (predict, evaluate, layer outputs, Grad-CAM) are float32.
+    """
+    config = _with_float32_policies(model.get_config())
+    twin = model.__class__.from_config(config)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+def _with_float32_policies(config: Any) -> Any:
+    """``config`` with every layer's dtype policy replaced by float32."""
+    if isinstance(config, dict):
+        if config.get("class_name") == "DTypePolicy":
+            return {**config, "config": {**config["config"], "name": "float32"}}
+        return {key: _with_float32_policies(value) for key, value in config.items()}
+    if isinstance(config, list):
+        return [_with_float32_policies(value) for value in config]
+    return config
 
 
 def forward_flops(model: keras.Model) -> int:

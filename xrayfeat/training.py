@@ -25,6 +25,7 @@ import platform
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -92,13 +93,29 @@ def predict_local(model, images: np.ndarray, batch_size: int = 128) -> np.ndarra
     ``model.predict`` under a multi-worker strategy splits the images across workers, so
     each would score a different subset and they could disagree on the best epoch (and
     deadlock). Calling the model on local batches gives every worker the same numbers.
+    The last batch is zero-padded to full size, so the forward function is traced once per
+    model, not once per batch shape (TensorFlow warns about retracing on the terminal).
     """
     import tensorflow as tf
 
-    forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    out = [forward(tf.constant(images[i : i + batch_size], tf.float32)).numpy()
-           for i in range(0, len(images), batch_size)]
+    forward = _FORWARD.get(model)
+    if forward is None:
+        weak = weakref.ref(model)  # a strong reference here would keep the key alive forever
+        forward = tf.function(lambda x: weak()(x, training=False), autograph=False)
+        _FORWARD[model] = forward
+    out = []
+    for i in range(0, len(images), batch_size):
+        chunk = np.asarray(images[i : i + batch_size], np.float32)
+        n = len(chunk)
+        if n < batch_size:
+            chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]),
+                                                    np.float32)])
+        out.append(forward(tf.constant(chunk)).numpy()[:n])
     return np.concatenate(out) if out else np.zeros((0, model.output_shape[-1]), np.float32)
+
+
+#: One traced inference function per model (weak keys: gone with the model).
+_FORWARD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def val_auc(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -285,11 +302,26 @@ def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
                  config: TrainConfig, state: dict, reporter: TrainReporter | None):
     import keras
 
+    from xrayfeat.model import float32_twin, is_float32
+
     class RunKeeper(keras.callbacks.Callback):
         """Validation AUC, best/last checkpoints, plateau LR, early stopping, CSV history.
 
         One callback owns all training state so that ``state.json`` can restore it exactly.
+        A model trained in bfloat16 is scored and saved as its float32 twin, so validation
+        and every later command see the same float32 model.
         """
+
+        _twin = None
+
+        def scoring_model(self):
+            if is_float32(self.model):
+                return self.model
+            if self._twin is None:
+                self._twin = float32_twin(self.model)
+            else:
+                self._twin.set_weights(self.model.get_weights())
+            return self._twin
 
         def on_train_batch_end(self, batch, logs=None):
             if reporter and logs:
@@ -307,7 +339,8 @@ def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
-            probs = predict_local(self.model, val_images)
+            scorer = self.scoring_model()
+            probs = predict_local(scorer, val_images)
             auc = val_auc(val_labels, probs)
             eps = 1e-7
             val_loss = float(-np.mean(np.log(np.clip(
@@ -322,7 +355,7 @@ def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
             if improved:
                 state.update(best_val_auc=auc, best_epoch=epoch + 1, wait=0, lr_wait=0)
                 with atomic_output(out / MODEL_FILE) as tmp:
-                    self.model.save(tmp)
+                    scorer.save(tmp)
             else:
                 state["wait"] += 1
                 state["lr_wait"] += 1
@@ -468,6 +501,7 @@ def _train(data: Path, out: Path, config: TrainConfig, *, resume: bool, overwrit
     if resume:
         _check_out(out, resume=True, overwrite=False)
         saved = read_json(out / CONFIG_FILE)
+        saved["train"].setdefault("precision", "float32")  # runs from before the setting
         config = TrainConfig(**{**saved["train"], "epochs": max(config.epochs,
                                                                 saved["train"]["epochs"])})
         config.validate()
@@ -523,10 +557,13 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
     n_classes = len(info.classes)
 
     import keras  # TensorFlow starts here, after any prepare workers are done
+    import tensorflow as tf
 
-    from xrayfeat.model import build_minivggnet
+    from xrayfeat.model import build_minivggnet, resolve_precision
 
     keras.utils.set_random_seed(config.seed)
+    precision = resolve_precision(config.precision,
+                                  has_gpu=bool(tf.config.list_physical_devices("GPU")))
     strategy = make_strategy(config.strategy)
     val = load_split(info.path, "val")
     train_labels = load_split(info.path, "train", with_images=False).labels
@@ -547,6 +584,7 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
             "classes": info.classes,
             "positive_class": info.classes[1] if n_classes == 2 else None,
             "train": config.to_dict(),
+            "precision": precision,  # what "auto" became on this machine
             "class_weights": weights,
             "preprocess": {"size": info.size, "roi": info.roi,
                            "roi_settings": _roi_settings(info.path)},
@@ -561,7 +599,8 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
         else:
             model = build_minivggnet(n_classes, input_size=config.input_size,
                                      stored_size=info.size, width=config.width,
-                                     synchronized_bn=strategy.num_replicas_in_sync > 1)
+                                     synchronized_bn=strategy.num_replicas_in_sync > 1,
+                                     precision=precision)
             model.compile(
                 optimizer=keras.optimizers.AdamW(config.lr, weight_decay=config.weight_decay),
                 loss=keras.losses.CategoricalCrossentropy(),
