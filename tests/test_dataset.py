@@ -424,3 +424,18 @@ def test_parallel_prepare_does_not_run_ahead_of_its_reader(tmp_path, make_class_
     decoded = 1 + sum(error is None for _, _, error in rest)
     assert decoded <= 2 * 2 * 2 + 2, decoded  # window: 2 chunks a worker, plus one refill
     assert all("cannot open" in error for _, _, error in rest if error)
+
+
+def test_streamed_batches_are_the_in_memory_batches_in_the_same_order(examples_h5):
+    from xrayfeat.dataset import iter_split, load_split
+
+    whole = load_split(examples_h5, "train")
+    order = np.random.default_rng(3).permutation(len(whole.labels))
+    batches = list(iter_split(examples_h5, "train", 7, order=order))
+    assert [len(labels) for _, labels in batches][:-1] == [7] * (len(batches) - 1)
+    np.testing.assert_array_equal(np.concatenate([b for b, _ in batches]), whole.images[order])
+    np.testing.assert_array_equal(np.concatenate([lab for _, lab in batches]),
+                                  whole.labels[order])
+    # Without an order: file order, read a slab at a time where rows are consecutive.
+    in_file_order = np.concatenate([b for b, _ in iter_split(examples_h5, "train", 5)])
+    np.testing.assert_array_equal(in_file_order, whole.images)
