@@ -49,7 +49,8 @@ def main() -> None:
     print(f"machine: {platform.node()} {os.cpu_count()} cores, python {platform.python_version()}, "
           f"tensorflow {config['versions']['tensorflow']}")
     print(f"recipe: input {config['train']['input_size']} px, epochs <= {config['train']['epochs']}, "
-          f"batch {config['train']['batch_size']}, class weights {config['train']['class_weight']}")
+          f"batch {config['train']['batch_size']}, class weights {config['train']['class_weight']}, "
+          f"precision {config.get('precision', 'float32')}")
     print(f"data splits: {config['data']['splits']}")
     print(f"wall time (prepare + train + threshold): {wall / 60:.1f} min (limit 30 min: "
           f"{wall / 1800:.2f} of it)")

@@ -2,11 +2,21 @@
 
 Measured in one run, on the same machine, so the ratios mean something even when the
 absolute numbers drift:
-- the machine's practical peak: a NumPy float32 matrix multiply;
-- a plain ``model.fit`` on in-memory NumPy arrays (same model, same batch size);
-- xrayfeat's own training pipeline (seeded order, augmentation, class weights) fed from
-  tensors already in memory, from the HDF5 file (held in RAM), and streamed from the
-  HDF5 file (as for a dataset larger than the memory budget).
+- the machine's practical peak: a NumPy float32 matrix multiply, measured before and after
+  the models (the higher of the two is used, so a slow moment cannot flatter the ratios);
+- a plain ``model.fit`` on in-memory NumPy arrays (same model, same batch size, float32);
+- xrayfeat's own training pipeline (seeded order, augmentation, class weights) in the
+  default precision (``auto``: bfloat16 on CPUs with native bfloat16), fed from tensors
+  already in memory, from the HDF5 file (held in RAM), and streamed from the HDF5 file (as
+  for a dataset larger than the memory budget); and the same pipeline in float32.
+
+Each variant runs in a fresh Python process as one ``fit`` call of ``--epochs + 1`` epochs,
+timed per epoch by a callback; the first epoch (tracing, warm-up) is dropped. Variants are
+interleaved over ``--rounds`` rounds and the median epoch of all rounds is reported. That
+is how ``xrayfeat train`` runs (one process, one ``fit``). Two things this avoids, both
+measured on this VM: calling ``fit`` again on a model made the later calls take a
+near-constant 10.24 s per 32 steps (CPU half idle), a slowdown training never meets; and
+in one process, identical pipelines timed one after another differed by 10 %.
 
 FLOPs are counted from the layers (xrayfeat.model.forward_flops); a training step is
 counted as 3x the forward pass (forward, plus backward for activations and weights).
@@ -18,8 +28,12 @@ counted as 3x the forward pass (forward, plus backward for activations and weigh
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,12 +78,77 @@ def make_subset(src: Path, n: int, out: Path) -> Path:
     return out
 
 
-def time_epochs(model, dataset, steps: int, epochs: int = 2) -> float:
-    """Seconds per epoch of ``model.fit`` (first epoch excluded: tracing and warm-up)."""
-    model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
-    t = time.perf_counter()
-    model.fit(dataset, epochs=epochs, steps_per_epoch=steps, verbose=0, shuffle=False)
-    return (time.perf_counter() - t) / epochs
+def time_epochs(model, data, epochs: int, **fit_args) -> list[float]:
+    """Seconds of each epoch of one ``model.fit`` over ``epochs + 1`` epochs, the first
+    (tracing and warm-up) excluded."""
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seconds: list[float] = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self._t0)
+
+    timer = EpochTimer()
+    model.fit(data, epochs=epochs + 1, verbose=0, shuffle=False, callbacks=[timer], **fit_args)
+    return timer.seconds[1:]
+
+
+VARIANTS = ("plain fit", "tensors", "HDF5 in RAM", "HDF5 streamed", "tensors, float32")
+
+
+def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -> list[float]:
+    """Seconds of each timed epoch of one variant (runs in its own process)."""
+    import keras
+    import tensorflow as tf
+
+    from xrayfeat.config import TrainConfig
+    from xrayfeat.dataset import load_split, open_dataset
+    from xrayfeat.model import build_minivggnet
+    from xrayfeat.training import class_weights, make_train_dataset, pipeline_from_arrays
+
+    config = TrainConfig(epochs=epochs + 1)
+    if input_size:
+        config.input_size = input_size
+    precision = default_precision()
+    if variant in ("plain fit", "tensors, float32"):
+        precision = "float32"
+    info = open_dataset(data)
+    arrays = load_split(data, "train")
+    steps = int(np.ceil(len(arrays.labels) / config.batch_size))
+    weights = class_weights(arrays.labels, 2)
+    keras.utils.set_random_seed(0)
+    model = build_minivggnet(2, input_size=config.input_size, stored_size=info.size,
+                             precision=precision)
+    model.compile(optimizer=keras.optimizers.AdamW(config.lr, weight_decay=config.weight_decay),
+                  loss=keras.losses.CategoricalCrossentropy())
+    if variant == "plain fit":  # in-memory NumPy arrays, no augmentation, no weights
+        x = arrays.images[..., None].astype(np.float32)
+        y = keras.utils.to_categorical(arrays.labels, 2)
+        return time_epochs(model, x, epochs, y=y, batch_size=config.batch_size)
+    if variant in ("tensors", "tensors, float32"):  # no file at all
+        dataset, _ = pipeline_from_arrays(tf.constant(arrays.images),
+                                          tf.constant(arrays.labels, tf.int32),
+                                          config, 0, weights, 2)
+    else:  # the HDF5 file, read into RAM (the default when it fits) or streamed from disk
+        config.memory_budget_mb = config.memory_budget_mb if variant == "HDF5 in RAM" else 0
+        dataset, _ = make_train_dataset(info, config, 0, weights, 2)
+    return time_epochs(model, dataset, epochs, steps_per_epoch=steps)
+
+
+def default_precision() -> str:
+    import tensorflow as tf
+
+    from xrayfeat.config import TrainConfig
+    from xrayfeat.model import resolve_precision
+
+    return resolve_precision(TrainConfig().precision,
+                             has_gpu=bool(tf.config.list_physical_devices("GPU")))
 
 
 def main() -> None:
@@ -79,88 +158,69 @@ def main() -> None:
                              "../shared/data/kermany_224/train")
     parser.add_argument("--images", type=int, default=1024, help="train images per epoch")
     parser.add_argument("--input-size", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=2, help="timed epochs per variant")
-    parser.add_argument("--policy", default="float32",
-                        help="Keras dtype policy to try, e.g. mixed_bfloat16 (not the default "
-                             "recipe: an experiment for CPUs with AVX512_BF16)")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per variant and round")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all variants")
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args.variant, args.data, args.epochs, args.input_size)))
+        return
 
-    import keras
     import tensorflow as tf
 
-    keras.mixed_precision.set_global_policy(args.policy)
-
     from xrayfeat.config import TrainConfig
-    from xrayfeat.dataset import load_split, open_dataset
+    from xrayfeat.dataset import open_dataset
     from xrayfeat.model import build_minivggnet, forward_flops
-    from xrayfeat.training import class_weights, make_train_dataset, pipeline_from_arrays
 
-    config = TrainConfig(epochs=1000)
-    if args.input_size:
-        config.input_size = args.input_size
+    config = TrainConfig()
+    input_size = args.input_size or config.input_size
+    precision = default_precision()
     tmp = Path(tempfile.mkdtemp())
     data = make_subset(args.data, args.images, tmp / "subset.h5")
-    info = open_dataset(data)
-    arrays = load_split(data, "train")
-    n = len(arrays.labels)
-    steps = int(np.ceil(n / config.batch_size))
-    weights = class_weights(arrays.labels, 2)
-
-    def fresh_model():
-        keras.utils.set_random_seed(0)
-        model = build_minivggnet(2, input_size=config.input_size, stored_size=info.size)
-        model.compile(optimizer=keras.optimizers.AdamW(config.lr, weight_decay=config.weight_decay),
-                      loss=keras.losses.CategoricalCrossentropy())
-        return model
-
-    flops_per_image = 3 * forward_flops(fresh_model())
-    peak = matmul_peak()
+    n, stored = args.images, open_dataset(data).size
+    flops_per_image = 3 * forward_flops(build_minivggnet(2, input_size=input_size,
+                                                         stored_size=stored))
     print(f"machine: {platform.node()}, {os.cpu_count()} cores, tensorflow {tf.__version__}, "
           f"numpy {np.__version__}")
-    print(f"model: MiniVGGNet, input {config.input_size} px from {info.size} px stored images, "
-          f"batch {config.batch_size}, dtype policy {args.policy}; "
+    print(f"model: MiniVGGNet, input {input_size} px from {stored} px stored images, "
+          f"batch {config.batch_size}; default precision here: {precision}; "
           f"{flops_per_image / 1e9:.3f} GFLOP per training image")
-    print(f"{n} train images per epoch, {args.epochs} timed epochs per variant")
-    print(f"numpy float32 matmul peak: {peak:.1f} GFLOP/s")
+    print(f"{n} train images per epoch; {args.rounds} rounds x {args.epochs} timed epochs "
+          f"per variant, each variant in its own process", flush=True)
 
-    results = {}
-    # Baseline: plain fit on in-memory NumPy arrays, no augmentation, no weights.
-    x = arrays.images[..., None].astype(np.float32)
-    y = keras.utils.to_categorical(arrays.labels, 2)
-    model = fresh_model()
-    model.fit(x, y, batch_size=config.batch_size, epochs=1, verbose=0)
-    t = time.perf_counter()
-    model.fit(x, y, batch_size=config.batch_size, epochs=args.epochs, verbose=0)
-    results["plain fit, NumPy arrays in memory"] = (time.perf_counter() - t) / args.epochs
+    variants = [v for v in VARIANTS if not (v == "tensors, float32" and precision == "float32")]
+    peaks = [matmul_peak()]
+    seconds: dict[str, list[float]] = {v: [] for v in variants}
+    for round_ in range(args.rounds):
+        for variant in variants:
+            cmd = [sys.executable, __file__, "--data", str(data), "--variant", variant,
+                   "--epochs", str(args.epochs)]
+            if args.input_size:
+                cmd += ["--input-size", str(args.input_size)]
+            out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+            epochs = json.loads(out.strip().splitlines()[-1])
+            seconds[variant] += epochs
+            print(f"  round {round_ + 1}, {variant}: "
+                  f"{' '.join(f'{e:.2f}' for e in epochs)} s/epoch", flush=True)
+        peaks.append(matmul_peak())
+    peak = max(peaks)
+    print(f"numpy float32 matmul peak: {', '.join(f'{p:.1f}' for p in peaks)} GFLOP/s "
+          f"(before and after each round); using the highest, {peak:.1f}")
 
-    # xrayfeat's pipeline, from tensors already in memory (no file at all).
-    images_t, labels_t = tf.constant(arrays.images), tf.constant(arrays.labels, tf.int32)
-    mem_ds, _ = pipeline_from_arrays(images_t, labels_t, config, 0, weights, 2)
-    results["xrayfeat pipeline, tensors in memory"] = time_epochs(fresh_model(), mem_ds, steps,
-                                                                  args.epochs)
-    # xrayfeat's pipeline from the HDF5 file, held in RAM (the default for a dataset that fits):
-    # reading the file is part of what is timed here, once, before the first epoch.
-    t = time.perf_counter()
-    h5_ds, _ = make_train_dataset(info, config, 0, weights, 2)
-    load_seconds = time.perf_counter() - t
-    results["xrayfeat pipeline, HDF5 file (in RAM)"] = time_epochs(fresh_model(), h5_ds, steps,
-                                                                   args.epochs)
-    # Streamed from disk, as for a dataset over the memory budget.
-    config.memory_budget_mb = 0
-    stream_ds, _ = make_train_dataset(info, config, 0, weights, 2)
-    results["xrayfeat pipeline, HDF5 file (streamed)"] = time_epochs(fresh_model(), stream_ds,
-                                                                     steps, args.epochs)
-
-    print(f"reading the HDF5 file into RAM: {load_seconds:.2f} s for {n} images "
-          f"(once per training run)")
-    base = results["xrayfeat pipeline, tensors in memory"]
-    print(f"\n{'variant':<44} {'s/epoch':>8} {'img/s':>7} {'GFLOP/s':>8} {'% peak':>7} "
+    label = {"plain fit": "plain fit, NumPy arrays, float32",
+             "tensors": f"xrayfeat, {precision} (default), tensors in memory",
+             "HDF5 in RAM": f"xrayfeat, {precision} (default), HDF5 file in RAM",
+             "HDF5 streamed": f"xrayfeat, {precision} (default), HDF5 file streamed",
+             "tensors, float32": "xrayfeat, float32, tensors in memory"}
+    base = statistics.median(seconds["tensors"])
+    print(f"\n{'variant':<48} {'s/epoch':>8} {'img/s':>7} {'GFLOP/s':>8} {'% peak':>7} "
           f"{'vs tensors':>10}")
-    for name, seconds in results.items():
-        rate = n / seconds
+    for variant in variants:
+        median = statistics.median(seconds[variant])
+        rate = n / median
         gflops = rate * flops_per_image / 1e9
-        print(f"{name:<44} {seconds:8.1f} {rate:7.1f} {gflops:8.1f} {100 * gflops / peak:6.1f}% "
-              f"{seconds / base:9.3f}x")
+        print(f"{label[variant]:<48} {median:8.2f} {rate:7.1f} {gflops:8.1f} "
+              f"{100 * gflops / peak:6.1f}% {median / base:9.3f}x")
 
 
 if __name__ == "__main__":
