@@ -221,6 +221,32 @@ def test_resume_finishes_with_the_same_history_as_an_uninterrupted_run(examples_
         assert a["val_auc"] == pytest.approx(b["val_auc"], abs=1e-6)
 
 
+def test_resume_trusts_the_state_saved_inside_the_checkpoint(examples_h5, tmp_path):
+    # A kill after last.keras was replaced but before state.json was rewritten leaves epoch
+    # 2's weights beside epoch 1's state.json; the resumed run must continue from epoch 2.
+    full = train(examples_h5, tmp_path / "full", _tiny_config(epochs=3))
+    run = tmp_path / "part"
+    train(examples_h5, run, _tiny_config(epochs=1))
+    stale_state = (run / "state.json").read_text()
+    train(examples_h5, run, _tiny_config(epochs=2), resume=True)
+    (run / "state.json").write_text(stale_state)
+    resumed = train(examples_h5, run, _tiny_config(epochs=3), resume=True)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    for a, b in zip(full.history, resumed.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["val_auc"] == pytest.approx(b["val_auc"], abs=1e-9)
+
+
+def test_resume_from_a_damaged_checkpoint_is_a_one_line_error(examples_h5, tmp_path):
+    from xrayfeat.errors import RunError
+
+    run = tmp_path / "run"
+    train(examples_h5, run, _tiny_config(epochs=1))
+    (run / "last.keras").write_bytes(b"not a zip file")
+    with pytest.raises(RunError, match="damaged"):
+        train(examples_h5, run, _tiny_config(epochs=2), resume=True)
+
+
 def test_streaming_from_disk_trains_exactly_as_in_memory(examples_h5, tmp_path):
     # memory_budget_mb=0 streams the train split batch by batch from the HDF5 file (the path
     # for datasets larger than RAM); it must see the same batches as the in-memory path.

@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import time
 import weakref
+import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,7 +38,7 @@ from xrayfeat import __version__
 from xrayfeat.atomic import atomic_output, temporary_sibling
 from xrayfeat.config import TrainConfig
 from xrayfeat.dataset import DatasetInfo, load_split, open_dataset, prepare_dataset, split_indices
-from xrayfeat.errors import DatasetError, UsageError
+from xrayfeat.errors import DatasetError, RunError, UsageError
 from xrayfeat.runs import (CONFIG_FILE, CURVES_FILE, HISTORY_FILE, LAST_FILE, MODEL_FILE,
                            RUN_FORMAT, STATE_FILE, VALIDATION_FILE, load_model_safely, read_json,
                            write_json)
@@ -369,12 +370,38 @@ def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
             state["epoch"] = epoch + 1
             with atomic_output(out / LAST_FILE) as tmp:
                 self.model.save(tmp)  # with optimizer state, for --resume
+                _embed_state(tmp, state)  # one rename makes weights and state current
             _write_history(out / HISTORY_FILE, state["history"])
-            write_json(out / STATE_FILE, state)  # last: it says last.keras is complete
+            write_json(out / STATE_FILE, state)  # the same state, for people and scripts
             if reporter:
                 reporter.on_epoch_end(epoch + 1, row)
 
     return RunKeeper()
+
+
+#: The training state inside ``last.keras`` (a zip file Keras loads without looking at it).
+STATE_MEMBER = "xrayfeat_state.json"
+
+
+def _embed_state(checkpoint: Path, state: dict) -> None:
+    """Add the training state to a saved checkpoint, so the two can never disagree.
+
+    Written as two files, a kill between ``last.keras`` and ``state.json`` left epoch k's
+    weights with epoch k-1's state, and the resumed run replayed an epoch (seen in a test).
+    """
+    with zipfile.ZipFile(checkpoint, "a") as archive:
+        archive.writestr(STATE_MEMBER, json.dumps(state))
+
+
+def resume_state(out: Path) -> dict:
+    """The state that belongs to ``out/last.keras`` (``state.json`` for older runs)."""
+    try:
+        with zipfile.ZipFile(out / LAST_FILE) as archive:
+            return json.loads(archive.read(STATE_MEMBER))
+    except KeyError:  # a run from before the state was embedded
+        return read_json(out / STATE_FILE)
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise RunError(f"cannot resume {out}: {out / LAST_FILE} is damaged ({exc})") from None
 
 
 def _write_history(path: Path, rows: list[dict[str, float]]) -> None:
@@ -574,7 +601,7 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
         {i: 1.0 for i in range(n_classes)}
 
     if resume:
-        state = read_json(out / STATE_FILE)
+        state = resume_state(out)
     else:
         state = {"epoch": 0, "best_val_auc": -1.0, "best_epoch": 0, "wait": 0, "lr_wait": 0,
                  "stopped_early": False, "history": []}
