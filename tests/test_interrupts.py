@@ -114,8 +114,17 @@ def big_folder(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def big_folder_size(big_folder, tmp_path_factory) -> int:
+    """Bytes of the finished dataset of ``big_folder``: interrupts aim at a share of it."""
+    out = tmp_path_factory.mktemp("big_size") / "data.h5"
+    prepare_dataset(big_folder, out, workers=1)
+    return out.stat().st_size
+
+
 @pytest.mark.parametrize("sig", SIGNALS)
-def test_interrupted_prepare_keeps_the_previous_dataset(tmp_path, big_folder, sig):
+def test_interrupted_prepare_keeps_the_previous_dataset(tmp_path, big_folder, big_folder_size,
+                                                        sig):
     out = tmp_path / "data.h5"
     prepare_dataset(make_class_folder_at(tmp_path / "small", n_per_class=6, size=64), out,
                     workers=1, val_fraction=0.5)
@@ -123,9 +132,12 @@ def test_interrupted_prepare_keeps_the_previous_dataset(tmp_path, big_folder, si
     logs = tmp_path / "logs"
     proc = start(["prepare", str(big_folder), "--out", str(out), "--overwrite",
                   "--workers", "1"], logs)
-    wait_until(lambda: any(p.stat().st_size > 50_000 for p in tmp_path.iterdir()
+    # The signal goes when the temporary holds a random (seeded) 10-40 % of the finished
+    # dataset: mid-write however fast the machine (a fixed delay once landed after the end).
+    written = big_folder_size * random.Random(f"prepare-{sig}").uniform(0.1, 0.4)
+    wait_until(lambda: any(p.stat().st_size > written for p in tmp_path.iterdir()
                            if p.name.startswith(".data.h5.")), proc)
-    interrupt(proc, sig, random.Random(f"prepare-{sig}").uniform(0.0, 1.0), logs)
+    interrupt(proc, sig, 0.0, logs)
 
     assert sha256(out) == previous  # the previous version, byte for byte
     assert open_dataset(out).split_counts == {"train": 6, "val": 6}
