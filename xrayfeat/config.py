@@ -20,6 +20,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+#: ``auto`` resolves to one of the other two on the machine that trains (xrayfeat.model).
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
 @dataclass
 class TrainConfig:
     """Settings of one training run; saved in the run's config.json."""
@@ -76,7 +80,7 @@ class TrainConfig:
             raise UsageError(f"--width must be positive, got {self.width}")
         if self.class_weight not in ("balanced", "none"):
             raise UsageError(f"--class-weight must be 'balanced' or 'none', got {self.class_weight!r}")
-        if self.precision not in ("auto", "float32", "bfloat16"):
+        if self.precision not in PRECISIONS:
             raise UsageError(
                 f"--precision must be auto, float32 or bfloat16, got {self.precision!r}"
             )

@@ -25,9 +25,8 @@ CONV_LAYERS = ("block1_conv1", "block1_conv2", "block2_conv1", "block2_conv2")
 #: weights; with ~150 steps an epoch, validation scores of the first epochs collapsed to
 #: chance (measured: val AUC 0.90 then 0.50); 0.9 tracks them within an epoch.
 BN_MOMENTUM = 0.9
-#: Training precisions: ``bfloat16`` computes convolutions and matrix products in bfloat16
-#: with float32 weights (Keras' "mixed_bfloat16"); ``float32`` computes everything in float32.
-PRECISIONS = ("auto", "float32", "bfloat16")
+#: Keras dtype policy of each precision: ``bfloat16`` computes convolutions and matrix
+#: products in bfloat16 with float32 weights; ``float32`` computes everything in float32.
 _POLICY = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
 
