@@ -51,6 +51,18 @@ def test_width_multiplier_and_flop_count():
     assert forward_flops(model) == expected
 
 
+def test_rgb_color_mode_copies_the_stored_grayscale_into_three_channels():
+    from xrayfeat.model import build_minivggnet, forward_flops
+
+    gray = build_minivggnet(2, input_size=32, stored_size=48, width=0.25)
+    rgb = build_minivggnet(2, input_size=32, stored_size=48, width=0.25, color_mode="rgb")
+    assert rgb.input_shape == gray.input_shape == (None, 48, 48, 1)  # same stored images
+    assert rgb.get_layer("to_rgb").output.shape[-1] == 3
+    assert rgb.get_layer("block1_conv1").kernel.shape == (3, 3, 3, 8)
+    # Only the first convolution grows: 3 input channels instead of 1.
+    assert forward_flops(rgb) - forward_flops(gray) == 2 * 2 * 32 * 32 * 8 * 9
+
+
 def test_bfloat16_model_has_a_float32_twin_with_the_same_weights():
     from xrayfeat.model import build_minivggnet, float32_twin, is_float32
 
@@ -125,7 +137,7 @@ def test_unknown_toml_key_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("override", [{"class_weight": "sometimes"}, {"epochs": 0},
                                       {"strategy": "cluster"}, {"input_size": 8},
-                                      {"precision": "float16"}])
+                                      {"precision": "float16"}, {"color_mode": "cmyk"}])
 def test_bad_values_are_usage_errors(override):
     with pytest.raises(UsageError):
         load_train_config(None, override)
@@ -245,6 +257,21 @@ def test_resume_from_a_damaged_checkpoint_is_a_one_line_error(examples_h5, tmp_p
     (run / "last.keras").write_bytes(b"not a zip file")
     with pytest.raises(RunError, match="damaged"):
         train(examples_h5, run, _tiny_config(epochs=2), resume=True)
+
+
+def test_rgb_run_trains_and_its_model_reads_the_stored_images(examples_h5, tmp_path):
+    from xrayfeat.dataset import load_split
+    from xrayfeat.runs import load_run
+
+    train(examples_h5, tmp_path / "run", _tiny_config(epochs=1, color_mode="rgb"))
+    run = load_run(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["color_mode"] \
+        == "rgb"
+    model = run.load_model()
+    assert model.get_layer("block1_conv1").kernel.shape[2] == 3
+    val = load_split(examples_h5, "val")
+    probs = model.predict_on_batch(val.images[:4, ..., None].astype(np.float32))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
 
 def test_streaming_from_disk_trains_exactly_as_in_memory(examples_h5, tmp_path):

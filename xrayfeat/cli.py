@@ -259,6 +259,9 @@ def train(
                                              f"\\[default: {_DEFAULTS.input_size}]."),
     width: Optional[float] = typer.Option(None, help="Width multiplier "
                                           f"\\[default: {_DEFAULTS.width}]."),
+    color_mode: Optional[str] = typer.Option(None, help="grayscale, or rgb (the image copied "
+                                             "into three channels) "
+                                             f"\\[default: {_DEFAULTS.color_mode}]."),
     epochs: Optional[int] = typer.Option(None, help="Maximum epochs "
                                          f"\\[default: {_DEFAULTS.epochs}]."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size "
@@ -289,9 +292,10 @@ def train(
     _quiet_tensorflow()
 
     settings = load_train_config(config, {
-        "input_size": input_size, "width": width, "epochs": epochs, "batch_size": batch_size,
-        "lr": lr, "seed": seed, "class_weight": class_weight, "augment": augment,
-        "precision": precision, "strategy": strategy, "tensorboard": str(tensorboard) if tensorboard else None,
+        "input_size": input_size, "width": width, "color_mode": color_mode, "epochs": epochs,
+        "batch_size": batch_size, "lr": lr, "seed": seed, "class_weight": class_weight,
+        "augment": augment, "precision": precision, "strategy": strategy,
+        "tensorboard": str(tensorboard) if tensorboard else None,
     })
     from xrayfeat.training import train as train_run
 

@@ -22,6 +22,7 @@ else:  # pragma: no cover
 
 #: ``auto`` resolves to one of the other two on the machine that trains (xrayfeat.model).
 PRECISIONS = ("auto", "float32", "bfloat16")
+COLOR_MODES = ("grayscale", "rgb")
 
 
 @dataclass
@@ -31,6 +32,8 @@ class TrainConfig:
     # Model
     input_size: int = 64  # px the network sees; see README "Choosing the input size"
     width: float = 1.0  # multiplies every layer's width; 1.0 is MiniVGGNet as published
+    color_mode: str = "grayscale"  # radiographs are grayscale; "rgb" copies the image into
+    # three channels, as RGB-loading recipes feed it (no new information, 3x the first conv)
 
     # Optimisation
     epochs: int = 15  # a 64 px pass over 4,700 images takes 27-35 s on 2 cores: 15 fit in 10 min
@@ -80,6 +83,8 @@ class TrainConfig:
             raise UsageError(f"--width must be positive, got {self.width}")
         if self.class_weight not in ("balanced", "none"):
             raise UsageError(f"--class-weight must be 'balanced' or 'none', got {self.class_weight!r}")
+        if self.color_mode not in COLOR_MODES:
+            raise UsageError(f"--color-mode must be grayscale or rgb, got {self.color_mode!r}")
         if self.precision not in PRECISIONS:
             raise UsageError(
                 f"--precision must be auto, float32 or bfloat16, got {self.precision!r}"

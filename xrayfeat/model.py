@@ -19,6 +19,8 @@ from typing import Any
 import keras
 from keras import layers
 
+from xrayfeat.config import COLOR_MODES
+
 #: Names of the convolutional layers, shallow to deep (width does not change them).
 CONV_LAYERS = ("block1_conv1", "block1_conv2", "block2_conv1", "block2_conv2")
 #: Moving-statistics momentum of BatchNormalization. Keras' 0.99 lags ~100 steps behind the
@@ -28,6 +30,7 @@ BN_MOMENTUM = 0.9
 #: Keras dtype policy of each precision: ``bfloat16`` computes convolutions and matrix
 #: products in bfloat16 with float32 weights; ``float32`` computes everything in float32.
 _POLICY = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
+
 
 
 def cpu_has_native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
@@ -60,7 +63,7 @@ def build_minivggnet(
     input_size: int = 128,
     stored_size: int | None = None,
     width: float = 1.0,
-    channels: int = 1,
+    color_mode: str = "grayscale",
     synchronized_bn: bool = False,
     precision: str = "float32",
     name: str = "minivggnet",
@@ -71,17 +74,22 @@ def build_minivggnet(
     resized to ``input_size`` inside the model. ``width`` multiplies every layer's units.
     ``synchronized_bn`` shares batch statistics across tf.distribute replicas, so every
     worker keeps the same moving averages (and so the same validation scores).
+    ``color_mode="rgb"`` replicates the grayscale radiograph into three channels inside the
+    model (what RGB-loading notebook recipes feed; it adds no information): the model's
+    input stays the stored one-channel image.
     ``precision`` (``float32`` or ``bfloat16``) is the compute dtype of the layers between
     the input scaling and the softmax; both of those stay float32.
     """
     if num_classes < 2:
         raise ValueError("a classifier needs at least two classes")
+    if color_mode not in COLOR_MODES:
+        raise ValueError(f"color_mode must be one of {COLOR_MODES}, got {color_mode!r}")
     if precision not in _POLICY:
         raise ValueError(f"precision must be one of {sorted(_POLICY)}, got {precision!r}")
     policy = _POLICY[precision]
     stored_size = stored_size or input_size
     f1, f2, dense = (max(1, round(n * width)) for n in (32, 64, 512))
-    inputs = keras.Input((stored_size, stored_size, channels), name="image")
+    inputs = keras.Input((stored_size, stored_size, 1), name="image")
     x = inputs
     if stored_size != input_size:
         # Antialiased bilinear: no aliasing when shrinking 224 -> 64, and unlike "area" it
@@ -89,6 +97,8 @@ def build_minivggnet(
         x = layers.Resizing(input_size, input_size, interpolation="bilinear", antialias=True,
                             dtype="float32", name="resize")(x)
     x = layers.Rescaling(1.0 / 255.0, dtype="float32", name="rescale")(x)
+    if color_mode == "rgb":
+        x = layers.Concatenate(axis=-1, dtype="float32", name="to_rgb")([x, x, x])
     for block, filters in ((1, f1), (2, f2)):
         for conv in (1, 2):
             x = layers.Conv2D(filters, 3, padding="same", dtype=policy,

@@ -626,6 +626,7 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
         else:
             model = build_minivggnet(n_classes, input_size=config.input_size,
                                      stored_size=info.size, width=config.width,
+                                     color_mode=config.color_mode,
                                      synchronized_bn=strategy.num_replicas_in_sync > 1,
                                      precision=precision)
             model.compile(
