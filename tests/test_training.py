@@ -234,14 +234,22 @@ def test_resume_finishes_with_the_same_history_as_an_uninterrupted_run(examples_
 
 
 def test_resume_trusts_the_state_saved_inside_the_checkpoint(examples_h5, tmp_path):
-    # A kill after last.keras was replaced but before state.json was rewritten leaves epoch
-    # 2's weights beside epoch 1's state.json; the resumed run must continue from epoch 2.
+    # A kill after last.keras was replaced but before history.csv and state.json were
+    # rewritten leaves epoch 2's weights beside epoch 1's files; resuming must continue
+    # from epoch 2 and bring those files up to date.
     full = train(examples_h5, tmp_path / "full", _tiny_config(epochs=3))
     run = tmp_path / "part"
     train(examples_h5, run, _tiny_config(epochs=1))
-    stale_state = (run / "state.json").read_text()
+    stale_state, stale_history = ((run / name).read_text() for name in ("state.json",
+                                                                         "history.csv"))
     train(examples_h5, run, _tiny_config(epochs=2), resume=True)
     (run / "state.json").write_text(stale_state)
+    (run / "history.csv").write_text(stale_history)
+    finished = train(examples_h5, run, _tiny_config(epochs=2), resume=True)
+    assert finished.epochs_run == 2  # nothing left to train, and the readable copies agree
+    assert json.loads((run / "state.json").read_text())["epoch"] == 2
+    with open(run / "history.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 2
     resumed = train(examples_h5, run, _tiny_config(epochs=3), resume=True)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     for a, b in zip(full.history, resumed.history):

@@ -602,6 +602,9 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
 
     if resume:
         state = resume_state(out)
+        # A kill may have come between last.keras and the two readable copies of its state.
+        _write_history(out / HISTORY_FILE, state["history"])
+        write_json(out / STATE_FILE, state)
     else:
         state = {"epoch": 0, "best_val_auc": -1.0, "best_epoch": 0, "wait": 0, "lr_wait": 0,
                  "stopped_early": False, "history": []}
