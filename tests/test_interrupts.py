@@ -147,9 +147,10 @@ def test_interrupted_prepare_keeps_the_previous_dataset(tmp_path, big_folder, bi
     else:  # a kill cannot clean up, but its leftovers are hidden temporaries only
         assert all(name.startswith(".data.h5.") for name in left), left
 
-    if sig == signal.SIGKILL:  # the leftovers do not disturb the next run, which finishes
+    if sig == signal.SIGKILL:  # the next run finishes, and removes the killed run's leftovers
         result = prepare_dataset(big_folder, out, workers=1, overwrite=True)
         assert sum(sum(c.values()) for c in result.counts.values()) == 400
+        assert temporaries(tmp_path) == []
 
 
 # --------------------------------------------------------------------------- train
@@ -198,6 +199,7 @@ def test_interrupted_train_resumes_to_the_same_history(examples_h5, tmp_path,
         assert all(name.startswith(".") for name in temporaries(run))
 
     resumed = train(examples_h5, run, TrainConfig(**TRAIN_ARGS), resume=True)
+    assert temporaries(run) == []  # a killed save's leftovers went with the next save
     assert resumed.epochs_run == TRAIN_ARGS["epochs"]
     assert len(resumed.history) == len(reference_history)
     for got, want in zip(resumed.history, reference_history):

@@ -274,3 +274,36 @@ def test_a_planted_symlink_in_the_output_folder_is_not_followed(trained_run, tmp
     runner.invoke(app, ["visualize-layers", str(trained_run), str(image), "--out", str(viz),
                         "--overwrite", "--layer", "block1_conv1", "--max-channels", "4"])
     assert list(outside.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- leftovers of kills
+
+def test_temporaries_of_dead_processes_are_removed_and_nothing_else(tmp_path):
+    import subprocess
+    import sys
+
+    from xrayfeat.atomic import _owner, remove_stale_temporaries, temporary_sibling
+
+    host = _owner().rsplit("-", 1)[0]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid now names no process
+    final = tmp_path / "data.h5"
+    final.write_bytes(b"the user's dataset")
+    stale_file = tmp_path / f".data.h5.{host}-{dead.pid}.ab12.tmp.h5"
+    stale_dir = tmp_path / f".data.h5.{host}-{dead.pid}.cd34.tmp.new"
+    backup = tmp_path / f".data.h5.{host}-{dead.pid}.ef56.tmp.previous"  # maybe the only copy
+    other_host = tmp_path / f".data.h5.someotherhost-{dead.pid}.gh78.tmp.h5"
+    not_ours = tmp_path / f".data.h5.{host}-{dead.pid}.notes.txt"  # no .tmp: not a temporary
+    for path in (stale_file, backup, other_host, not_ours):
+        path.write_bytes(b"x")
+    stale_dir.mkdir()
+    (stale_dir / "data.h5").write_bytes(b"x" * 1000)
+    live = temporary_sibling(final, ".h5")  # this (live) process's own temporary
+
+    removed = remove_stale_temporaries(tmp_path)
+
+    assert sorted(removed) == sorted([stale_file, stale_dir])
+    assert not stale_file.exists() and not stale_dir.exists()
+    for kept in (final, backup, other_host, not_ours, live):
+        assert kept.exists(), kept
+    assert final.read_bytes() == b"the user's dataset"

@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -18,14 +20,77 @@ if TYPE_CHECKING:
 
 
 def temporary_sibling(final: Path, suffix: str = "") -> Path:
-    """A fresh hidden name in the same folder as ``final`` (so the rename is atomic)."""
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
+    """A fresh hidden name in the same folder as ``final`` (so the rename is atomic).
+
+    The name carries this host and process id, so a later run can tell the leftovers of a
+    killed process (see :func:`remove_stale_temporaries`) from another live writer's files.
+    """
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.{_owner()}.", suffix=f".tmp{suffix}",
+                                dir=final.parent)
     os.close(fd)
     # mkstemp makes 0600 files; outputs should get the usual permissions (umask applies).
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(name, 0o666 & ~umask)
     return Path(name)
+
+
+#: Backups that hold a previous output while it is being replaced: never removed as stale,
+#: because after a kill at the wrong moment they may be the only copy of the user's data.
+_BACKUP_SUFFIXES = (".tmp.old", ".tmp.previous")
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporaries in ``folder`` left by killed processes of this host.
+
+    A SIGKILL cannot clean up, so a killed ``prepare``, ``predict`` or ``train --overwrite``
+    leaves a hidden ``.NAME.HOST-PID.xxxx.tmp...`` file or folder (a half-trained run can
+    hold a whole prepared dataset). Those whose process no longer exists are removed; live
+    writers' files, other hosts' files (a shared disk) and backups are left alone.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    host = _owner().rsplit("-", 1)[0]
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if (match and not entry.name.endswith(_BACKUP_SUFFIXES) and match["host"] == host
+                and not _process_alive(int(match["pid"]))):
+            _remove(Path(entry.path))
+            removed.append(Path(entry.path))
+    return removed
+
+
+#: ``.NAME.HOST-PID.RANDOM.tmp[SUFFIX]``, as :func:`temporary_sibling` makes them.
+_TEMPORARY = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp")
+_cleaned_folders: set[Path] = set()
+
+
+def _clean_once(folder: Path) -> None:
+    """:func:`remove_stale_temporaries` the first time this process writes into ``folder``
+    (not on every write: visualize-layers writes thousands of files into one folder)."""
+    key = folder.resolve()
+    if key not in _cleaned_folders:
+        _cleaned_folders.add(key)
+        remove_stale_temporaries(folder)
+
+
+def _owner() -> str:
+    """``HOST-PID`` with the host name reduced to characters safe in a file name."""
+    host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -39,6 +104,7 @@ def atomic_output(final: str | os.PathLike, *, directory: bool = False) -> Itera
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        _clean_once(final.parent)
         tmp = temporary_sibling(final, final.suffix)
         if directory:
             tmp.unlink()

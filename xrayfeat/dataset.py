@@ -35,7 +35,7 @@ import h5py
 import numpy as np
 
 from xrayfeat import __version__
-from xrayfeat.atomic import atomic_output, h5_writer
+from xrayfeat.atomic import atomic_output, h5_writer, remove_stale_temporaries
 from xrayfeat.errors import (EXIT_FAILURES, DatasetError, ImageReadError, UsageError,
                              XrayfeatError)
 from xrayfeat.imaging import looks_like_image_path
@@ -310,6 +310,7 @@ def prepare_dataset(
     skipped: list[tuple[str, str]] = []
     counts: dict[str, Counter] = {}
     text = h5py.string_dtype()
+    remove_stale_temporaries(out.parent)  # half-written datasets of killed earlier runs
     with atomic_output(out) as tmp, h5_writer(tmp) as h5:
         n_max = len(files)
 

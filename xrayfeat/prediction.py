@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from xrayfeat.atomic import atomic_output
+from xrayfeat.atomic import atomic_output, remove_stale_temporaries
 from xrayfeat.dataset import iter_image_files, map_prepare
 from xrayfeat.errors import UsageError
 from xrayfeat.imaging import looks_like_image_path
@@ -175,6 +175,7 @@ class _Writer:
                         self.fh.close()
                     raise
         else:
+            remove_stale_temporaries(self.out.parent)  # half-written outputs of killed runs
             self._atomic = atomic_output(self.out)
             tmp = self._atomic.__enter__()
             self.fh = open(tmp, "w", encoding="utf-8", newline="")

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from xrayfeat import __version__
-from xrayfeat.atomic import atomic_output, temporary_sibling
+from xrayfeat.atomic import atomic_output, remove_stale_temporaries, temporary_sibling
 from xrayfeat.config import TrainConfig
 from xrayfeat.dataset import DatasetInfo, load_split, open_dataset, prepare_dataset, split_indices
 from xrayfeat.errors import DatasetError, RunError, UsageError
@@ -542,6 +542,7 @@ def _train(data: Path, out: Path, config: TrainConfig, *, resume: bool, overwrit
     # crash, Ctrl-C or kill leaves the previous run whole under its name.
     work = out
     if replace:
+        remove_stale_temporaries(out.parent)  # e.g. unfinished runs of a killed --overwrite
         work = temporary_sibling(out, ".new")
         work.unlink()
     work.mkdir(parents=True, exist_ok=True)
