@@ -136,7 +136,8 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -
                                           tf.constant(arrays.labels, tf.int32),
                                           config, 0, weights, 2)
     else:  # the HDF5 file, read into RAM (the default when it fits) or streamed from disk
-        config.memory_budget_mb = config.memory_budget_mb if variant == "HDF5 in RAM" else 0
+        if variant == "HDF5 streamed":
+            config.memory_budget_mb = 0
         dataset, _ = make_train_dataset(info, config, 0, weights, 2)
     return time_epochs(model, dataset, epochs, steps_per_epoch=steps)
 
