@@ -183,6 +183,16 @@ def test_train_refuses_an_unknown_precision_in_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("command", ["prepare", "train"])
+def test_an_error_off_a_terminal_is_exactly_one_line(tmp_path, command):
+    # Piped or logged stderr (not a terminal) must not get a blank progress frame first.
+    missing = tmp_path / "missing"
+    proc = subprocess.run([sys.executable, "-m", "xrayfeat", command, str(missing), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"error: {missing} does not exist"], proc.stderr
+
+
 def test_python_dash_m_help():
     proc = subprocess.run([sys.executable, "-m", "xrayfeat", "--help"],
                           capture_output=True, text=True, timeout=60)

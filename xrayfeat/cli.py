@@ -122,9 +122,16 @@ def _progress():
         """On an error the bar is cleared, so the one-line message stands alone."""
 
         def __exit__(self, exc_type, exc, tb):
-            if exc_type is not None:
-                self.live.transient = True
-            return super().__exit__(exc_type, exc, tb)
+            if exc_type is None:
+                return super().__exit__(exc_type, exc, tb)
+            self.live.transient = True
+            # Off a terminal (a pipe, a log file) Rich prints the bar's last frame when it
+            # stops, a blank line before the error if nothing had started: print nothing.
+            quiet, self.console.quiet = self.console.quiet, not self.console.is_terminal
+            try:
+                return super().__exit__(exc_type, exc, tb)
+            finally:
+                self.console.quiet = quiet
 
     return _ErrorClearsProgress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
