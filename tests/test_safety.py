@@ -307,3 +307,23 @@ def test_temporaries_of_dead_processes_are_removed_and_nothing_else(tmp_path):
     for kept in (final, backup, other_host, not_ours, live):
         assert kept.exists(), kept
     assert final.read_bytes() == b"the user's dataset"
+
+
+def test_outputs_get_the_umask_permissions_and_reading_the_umask_leaves_it_alone(tmp_path):
+    import stat
+
+    from xrayfeat.atomic import atomic_output, current_umask
+    from xrayfeat.figures import atomic_savefig, plt
+
+    previous = os.umask(0o027)
+    try:
+        assert current_umask() == 0o027
+        assert os.umask(0o027) == 0o027  # reading it did not change it
+        with atomic_output(tmp_path / "table.csv") as tmp:
+            tmp.write_text("a,b\n")
+        atomic_savefig(plt.figure(), tmp_path / "figure.png")
+    finally:
+        os.umask(previous)
+    for name in ("table.csv", "figure.png"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

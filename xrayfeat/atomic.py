@@ -29,10 +29,26 @@ def temporary_sibling(final: Path, suffix: str = "") -> Path:
                                 dir=final.parent)
     os.close(fd)
     # mkstemp makes 0600 files; outputs should get the usual permissions (umask applies).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)
+    os.chmod(name, 0o666 & ~current_umask())
     return Path(name)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows.
+
+    ``os.umask`` can only be read by setting it; for that instant every thread of the
+    process (tf.data, HDF5, a caller's) would create files with the temporary value.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o077)  # the fallback's instant is at least never world-writable
+    os.umask(umask)
+    return umask
 
 
 #: Backups that hold a previous output while it is being replaced: never removed as stale,

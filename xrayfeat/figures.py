@@ -8,7 +8,6 @@ share the same pictures and an interrupted run never leaves a half-written file.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -58,29 +57,16 @@ def atomic_savefig(fig: Figure, path: str | os.PathLike[str], *, close: bool = T
     none); extra ``kwargs`` go to ``fig.savefig``. The figure is closed afterwards
     unless ``close=False``, since pyplot keeps every open figure alive.
     """
+    from xrayfeat.atomic import atomic_output
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = path.suffix.lstrip(".").lower() or "png"
     kwargs.setdefault("dpi", _DPI)
     kwargs.setdefault("bbox_inches", "tight")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; figures are for sharing
-        with os.fdopen(fd, "wb") as fh:
+        # A full disk becomes one line naming the figure, with nothing partial left.
+        with atomic_output(path) as tmp, open(tmp, "wb") as fh:
             fig.savefig(fh, format=fmt, **kwargs)
-        os.replace(tmp, path)
-    except OSError as exc:  # a full disk: one line naming the figure, nothing partial left
-        Path(tmp).unlink(missing_ok=True)
-        from xrayfeat.atomic import MACHINE_ERRNOS, write_error
-
-        if exc.errno in MACHINE_ERRNOS:
-            raise write_error(path, exc) from None
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     finally:
         if close:
             plt.close(fig)
