@@ -65,6 +65,7 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     writers' files, other hosts' files (a shared disk) and backups are left alone.
     """
     removed: list[Path] = []
+    _cleaned_folders.add(Path(folder).resolve())  # atomic_output need not scan it again
     try:
         entries = list(os.scandir(folder))
     except OSError:
@@ -87,9 +88,7 @@ _cleaned_folders: set[Path] = set()
 def _clean_once(folder: Path) -> None:
     """:func:`remove_stale_temporaries` the first time this process writes into ``folder``
     (not on every write: visualize-layers writes thousands of files into one folder)."""
-    key = folder.resolve()
-    if key not in _cleaned_folders:
-        _cleaned_folders.add(key)
+    if folder.resolve() not in _cleaned_folders:
         remove_stale_temporaries(folder)
 
 
