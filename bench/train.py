@@ -109,13 +109,13 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -
 
     from xrayfeat.config import TrainConfig
     from xrayfeat.dataset import load_split, open_dataset
-    from xrayfeat.model import build_minivggnet
+    from xrayfeat.model import build_minivggnet, resolve_precision
     from xrayfeat.training import class_weights, make_train_dataset, pipeline_from_arrays
 
     config = TrainConfig(epochs=epochs + 1)
     if input_size:
         config.input_size = input_size
-    precision = default_precision()
+    precision = resolve_precision(config.precision)
     if variant in ("plain fit", "tensors, float32"):
         precision = "float32"
     info = open_dataset(data)
@@ -142,16 +142,6 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -
     return time_epochs(model, dataset, epochs, steps_per_epoch=steps)
 
 
-def default_precision() -> str:
-    import tensorflow as tf
-
-    from xrayfeat.config import TrainConfig
-    from xrayfeat.model import resolve_precision
-
-    return resolve_precision(TrainConfig().precision,
-                             has_gpu=bool(tf.config.list_physical_devices("GPU")))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True,
@@ -171,11 +161,11 @@ def main() -> None:
 
     from xrayfeat.config import TrainConfig
     from xrayfeat.dataset import open_dataset
-    from xrayfeat.model import build_minivggnet, forward_flops
+    from xrayfeat.model import build_minivggnet, forward_flops, resolve_precision
 
     config = TrainConfig()
     input_size = args.input_size or config.input_size
-    precision = default_precision()
+    precision = resolve_precision(config.precision)
     tmp = Path(tempfile.mkdtemp())
     data = make_subset(args.data, args.images, tmp / "subset.h5")
     n, stored = args.images, open_dataset(data).size

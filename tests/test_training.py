@@ -109,10 +109,10 @@ def test_auto_precision_follows_the_cpu(tmp_path, monkeypatch):
     assert not model_module.cpu_has_native_bfloat16(tmp_path / "missing")
 
     monkeypatch.setattr(model_module, "cpu_has_native_bfloat16", lambda: True)
-    assert model_module.resolve_precision("auto") == "bfloat16"
+    assert model_module.resolve_precision("auto", has_gpu=False) == "bfloat16"
     assert model_module.resolve_precision("auto", has_gpu=True) == "float32"
     monkeypatch.setattr(model_module, "cpu_has_native_bfloat16", lambda: False)
-    assert model_module.resolve_precision("auto") == "float32"
+    assert model_module.resolve_precision("auto", has_gpu=False) == "float32"
     assert model_module.resolve_precision("bfloat16") == "bfloat16"
 
 

@@ -585,13 +585,11 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
     n_classes = len(info.classes)
 
     import keras  # TensorFlow starts here, after any prepare workers are done
-    import tensorflow as tf
 
     from xrayfeat.model import build_minivggnet, resolve_precision
 
     keras.utils.set_random_seed(config.seed)
-    precision = resolve_precision(config.precision,
-                                  has_gpu=bool(tf.config.list_physical_devices("GPU")))
+    precision = resolve_precision(config.precision)
     strategy = make_strategy(config.strategy)
     val = load_split(info.path, "val")
     train_labels = load_split(info.path, "train", with_images=False).labels
