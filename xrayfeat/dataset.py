@@ -231,9 +231,14 @@ def _prepare_worker(args: tuple[int, str, PreprocessSettings]):
 
 
 def _init_worker() -> None:
+    import signal
+
     import cv2
 
     cv2.setNumThreads(1)  # one decode per core; OpenCV's own threads would oversubscribe
+    # Ctrl-C is the parent's to handle: it stops handing out work and lets in-flight
+    # chunks finish (see map_prepare), so a worker must not die of it mid-result.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def map_prepare(
@@ -257,16 +262,29 @@ def map_prepare(
     # writer) and finished results pile up in the parent. A window of 2 chunks a worker,
     # refilled as each is read, bounds memory whatever the number of files.
     chunks = iter(lambda: list(itertools.islice(tasks, chunksize)), [])
-    with ctx.Pool(workers, initializer=_init_worker) as pool:
-        window = collections.deque(
-            pool.apply_async(_prepare_chunk, (chunk,))
-            for chunk in itertools.islice(chunks, 2 * workers)
-        )
+    pool = ctx.Pool(workers, initializer=_init_worker)
+    window: collections.deque = collections.deque()
+    try:
+        window.extend(pool.apply_async(_prepare_chunk, (chunk,))
+                      for chunk in itertools.islice(chunks, 2 * workers))
         while window:
             done = window.popleft().get()
             for chunk in itertools.islice(chunks, 1):
                 window.append(pool.apply_async(_prepare_chunk, (chunk,)))
             yield from done
+    finally:
+        # Not Pool.terminate (what ``with Pool`` does): killing a worker while it writes a
+        # result leaves the result queue's lock taken, and the pool then hangs forever in
+        # its own shutdown (seen once in CI, on a strict-mode early stop). A consumer that
+        # stops early waits for the few chunks in flight instead.
+        pool.close()
+        deadline = time.monotonic() + 60
+        for pending in window:
+            pending.wait(max(0.0, deadline - time.monotonic()))
+        if all(pending.ready() for pending in window):
+            pool.join()
+        else:  # a worker stuck on one file for a minute: terminate after all
+            pool.terminate()
 
 
 def _prepare_chunk(chunk: list[tuple[int, str, PreprocessSettings]]):
