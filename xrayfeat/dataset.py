@@ -231,13 +231,17 @@ def _prepare_worker(args: tuple[int, str, PreprocessSettings]):
 
 
 def _init_worker() -> None:
-    import signal
-
     import cv2
 
     cv2.setNumThreads(1)  # one decode per core; OpenCV's own threads would oversubscribe
+
+
+def _init_pool_worker() -> None:
+    import signal
+
+    _init_worker()
     # Ctrl-C is the parent's to handle: it stops handing out work and lets in-flight
-    # chunks finish (see map_prepare), so a worker must not die of it mid-result.
+    # chunks finish (see map_prepare), so a worker process must not die of it mid-result.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -262,7 +266,7 @@ def map_prepare(
     # writer) and finished results pile up in the parent. A window of 2 chunks a worker,
     # refilled as each is read, bounds memory whatever the number of files.
     chunks = iter(lambda: list(itertools.islice(tasks, chunksize)), [])
-    pool = ctx.Pool(workers, initializer=_init_worker)
+    pool = ctx.Pool(workers, initializer=_init_pool_worker)
     window: collections.deque = collections.deque()
     try:
         window.extend(pool.apply_async(_prepare_chunk, (chunk,))
