@@ -1,0 +1,190 @@
+"""Generalisation benchmark: recipes x seeds, scored on validation and on ``test_dev``.
+
+For every variant and seed it trains a run exactly as a user would (``xrayfeat train`` in a
+subprocess, on the train folder prepared once per set of prepare options), reads the
+validation figures the run chose for itself (``validation.json``), then predicts
+``test_dev`` with ``xrayfeat predict`` at the run's own threshold and scores it. Nothing is
+fitted on ``test_dev``: it is only predicted.
+
+Each variant is ``NAME=TRAIN OPTIONS`` with optional ``|PREDICT OPTIONS`` and
+``|PREPARE OPTIONS``; the default compares nothing but the default recipe:
+
+    python bench/generalization.py --seeds 3 \\
+        --variant 'default=' --variant 'ema=--ema' --variant 'tta=|--tta 4'
+
+Results are appended to ``OUT/results.jsonl`` as each run finishes (an interrupted
+benchmark resumes: finished (variant, seed) pairs are skipped), and a table of every run
+and of mean +- SD per variant is printed at the end. Runs are kept in ``OUT/runs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared/data/kermany_224"
+#: The issue's targets for the default recipe on test_dev (mean of seeds).
+TARGETS = {"accuracy": 0.94, "roc_auc": 0.98, "sensitivity": 0.95, "specificity": 0.85}
+METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc", "sens_at_spec85")
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def parse_variant(text: str) -> dict:
+    name, _, rest = text.partition("=")
+    parts = (rest.split("|") + ["", ""])[:3]
+    return {"name": name.strip(), "train": shlex.split(parts[0]),
+            "predict": shlex.split(parts[1]), "prepare": shlex.split(parts[2])}
+
+
+def xrayfeat(*args: str, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "xrayfeat", *args]
+    proc = subprocess.run(cmd, stdout=stdout, text=True, env=ENV)
+    if proc.returncode != 0:
+        sys.exit(f"failed ({proc.returncode}): {shlex.join(cmd)}")
+    return proc
+
+
+def prepared(out: Path, train_folder: Path, options: list[str]) -> tuple[Path, float]:
+    """The train folder prepared with ``options`` (once per set of options) and its seconds."""
+    key = hashlib.sha256(" ".join(options).encode()).hexdigest()[:10]
+    path = out / f"train-{key}.h5"
+    seconds_file = path.with_suffix(".seconds")
+    if not path.exists():
+        started = time.perf_counter()
+        xrayfeat("prepare", str(train_folder), "--out", str(path), *options,
+                 stdout=subprocess.DEVNULL)
+        seconds_file.write_text(str(time.perf_counter() - started))
+    return path, float(seconds_file.read_text())
+
+
+def binary_scores(labels: np.ndarray, prob: np.ndarray, threshold: float) -> dict:
+    """Accuracy, sensitivity, specificity at ``threshold``; AUC; sensitivity at spec >= 85 %."""
+    called = prob >= threshold
+    pos, neg = labels == 1, labels == 0
+    fpr, tpr, _ = roc_curve(labels, prob)
+    return {"accuracy": float(np.mean(called == pos)),
+            "sensitivity": float(called[pos].mean()), "specificity": float(1 - called[neg].mean()),
+            "roc_auc": float(roc_auc_score(labels, prob)),
+            "sens_at_spec85": float(tpr[fpr <= 0.15].max()), "n": int(len(labels))}
+
+
+def score_test_dev(run: Path, test_dev: Path, predict_options: list[str], out: Path) -> dict:
+    preds = out / "test_dev_predictions.csv"
+    started = time.perf_counter()
+    xrayfeat("predict", str(run), str(test_dev), "--out", str(preds), *predict_options,
+             stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - started
+    with open(preds, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if any(row["error"] for row in rows):
+        sys.exit(f"test_dev had unreadable files: {preds}")
+    classes = json.loads((run / "config.json").read_text())["classes"]
+    labels = np.array([classes.index(Path(r["path"]).parent.name) for r in rows])
+    prob = np.array([float(r["probability"]) for r in rows])
+    threshold = float(rows[0]["threshold"])
+    return {**binary_scores(labels, prob, threshold), "predict_seconds": seconds}
+
+
+def run_one(variant: dict, seed: int, args) -> dict:
+    data, prepare_seconds = prepared(args.out, args.train, variant["prepare"])
+    run = args.out / "runs" / f"{variant['name']}-seed{seed}"
+    started = time.perf_counter()
+    xrayfeat("train", str(data), "--out", str(run), "--seed", str(seed), "--overwrite",
+             "--json", *variant["train"], stdout=subprocess.DEVNULL)
+    train_seconds = time.perf_counter() - started
+    validation = json.loads((run / "validation.json").read_text())
+    m = validation["metrics"]
+    val = {k: m[k] for k in ("accuracy", "sensitivity", "specificity", "roc_auc")}
+    val["sens_at_spec85"] = m.get("sens_at_spec85", float("nan"))
+    test = score_test_dev(run, args.test_dev, variant["predict"], run)
+    return {"variant": variant["name"], "seed": seed, "train_options": variant["train"],
+            "predict_options": variant["predict"], "prepare_options": variant["prepare"],
+            "threshold": validation["threshold"],
+            "threshold_method": validation.get("threshold_method"),
+            "threshold_ci": validation.get("threshold_ci"),
+            "best_epoch": validation.get("best_epoch"), "val": val, "test_dev": test,
+            "wall_seconds": prepare_seconds + train_seconds,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def mean_sd(values: list[float]) -> str:
+    a = np.asarray(values, float)
+    return f"{a.mean():.3f} +- {a.std(ddof=1) if len(a) > 1 else 0.0:.3f}"
+
+
+def report(results: list[dict], variants: list[str]) -> None:
+    print("\nper run (val -> test_dev): acc, sens, spec, AUC, sens@spec85; threshold; wall")
+    for r in results:
+        v, t = r["val"], r["test_dev"]
+        print(f"  {r['variant']:<14} seed {r['seed']:<3} "
+              + "  ".join(f"{k[:5]} {v[k]:.3f}->{t[k]:.3f}" for k in METRICS)
+              + f"  thr {r['threshold']:.3f}  {r['wall_seconds'] / 60:.1f} min")
+    print("\nmean +- SD over seeds")
+    header = f"{'variant':<14} {'n':>2} " + " ".join(f"{'test_dev ' + k:>26}" for k in METRICS)
+    print(header + f" {'val roc_auc':>18} {'threshold':>18} {'wall min':>16}")
+    for name in variants:
+        rows = [r for r in results if r["variant"] == name]
+        if not rows:
+            continue
+        print(f"{name:<14} {len(rows):>2} "
+              + " ".join(f"{mean_sd([r['test_dev'][k] for r in rows]):>26}" for k in METRICS)
+              + f" {mean_sd([r['val']['roc_auc'] for r in rows]):>18}"
+              + f" {mean_sd([r['threshold'] for r in rows]):>18}"
+              + f" {mean_sd([r['wall_seconds'] / 60 for r in rows]):>16}")
+    print("targets on test_dev (mean of seeds): "
+          + ", ".join(f"{k} >= {v}" for k, v in TARGETS.items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", type=Path, default=DATA / "train")
+    parser.add_argument("--test-dev", type=Path, default=DATA / "test_dev")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/out/generalization")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 1..N per variant")
+    parser.add_argument("--variant", action="append", default=None,
+                        help="NAME=TRAIN OPTIONS[|PREDICT OPTIONS[|PREPARE OPTIONS]]")
+    parser.add_argument("--report-only", action="store_true",
+                        help="print the table of OUT/results.jsonl and exit")
+    args = parser.parse_args()
+    variants = [parse_variant(v) for v in (args.variant or ["default="])]
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "results.jsonl"
+    results = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    names = [v["name"] for v in variants]
+    if not args.report_only:
+        print(f"machine: {platform.node()}, {os.cpu_count()} cores, python "
+              f"{platform.python_version()}", flush=True)
+        # Interleave seeds across variants, so a cut-short benchmark still compares them.
+        for seed in range(1, args.seeds + 1):
+            for variant in variants:
+                if any(r["variant"] == variant["name"] and r["seed"] == seed for r in results):
+                    continue
+                result = run_one(variant, seed, args)
+                results.append(result)
+                with open(log, "a") as fh:
+                    fh.write(json.dumps(result) + "\n")
+                t = result["test_dev"]
+                print(f"{variant['name']} seed {seed}: test_dev acc {t['accuracy']:.3f} "
+                      f"AUC {t['roc_auc']:.3f} sens {t['sensitivity']:.3f} "
+                      f"spec {t['specificity']:.3f}; val AUC {result['val']['roc_auc']:.4f}; "
+                      f"{result['wall_seconds'] / 60:.1f} min", flush=True)
+    else:
+        names = list(dict.fromkeys(r["variant"] for r in results))
+    report([r for r in results if r["variant"] in names], names)
+
+
+if __name__ == "__main__":
+    main()
