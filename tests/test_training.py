@@ -137,7 +137,9 @@ def test_unknown_toml_key_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("override", [{"class_weight": "sometimes"}, {"epochs": 0},
                                       {"strategy": "cluster"}, {"input_size": 8},
-                                      {"precision": "float16"}, {"color_mode": "cmyk"}])
+                                      {"precision": "float16"}, {"color_mode": "cmyk"},
+                                      {"threshold_method": "median"},
+                                      {"threshold_sensitivity": 1.5}, {"ema_momentum": 1.0}])
 def test_bad_values_are_usage_errors(override):
     with pytest.raises(UsageError):
         load_train_config(None, override)
@@ -206,7 +208,9 @@ def test_run_directory_describes_itself(trained_run: Path):
     assert "tensorflow" in config["versions"]
     validation = json.loads((trained_run / "validation.json").read_text())
     assert 0.0 <= validation["threshold"] <= 1.0
-    assert validation["threshold_method"] == "youden_j_on_validation"
+    assert validation["threshold_method"] == config["train"]["threshold_method"]
+    ci = validation["threshold_ci"]
+    assert ci["lower"] <= ci["upper"] and ci["unit"] == "patient" and ci["n_boot"] > 0
     with open(trained_run / "history.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
@@ -291,6 +295,62 @@ def test_streaming_from_disk_trains_exactly_as_in_memory(examples_h5, tmp_path):
     for a, b in zip(in_ram.history, streamed.history, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
         assert a["val_auc"] == pytest.approx(b["val_auc"], abs=1e-9)
+
+
+def test_training_view_is_fed_images_resized_as_the_model_resizes_them():
+    import tensorflow as tf
+
+    from xrayfeat.model import build_minivggnet, resize_to_input, training_view
+    from xrayfeat.training import pipeline_from_arrays
+
+    model = build_minivggnet(2, input_size=32, stored_size=48, width=0.25)
+    view = training_view(model)
+    assert view.input_shape == (None, 32, 32, 1)
+    assert [v.path for v in view.trainable_variables] == \
+        [v.path for v in model.trainable_variables]  # the same weights, not copies
+    images = np.random.default_rng(0).integers(0, 256, (5, 48, 48), dtype=np.uint8)
+    resized = resize_to_input(tf.cast(images[..., None], tf.float32), 32)
+    np.testing.assert_allclose(model.get_layer("resize")(images[..., None].astype(np.float32)),
+                               resized, atol=1e-4)
+    np.testing.assert_allclose(view(resized, training=False),
+                               model(images[..., None].astype(np.float32), training=False),
+                               atol=1e-5)
+    config = TrainConfig(input_size=32, epochs=1, batch_size=5, augment=False,
+                         label_smoothing=0.0)
+    dataset, steps = pipeline_from_arrays(tf.constant(images), tf.constant([0, 1, 0, 1, 1]),
+                                          config, 0, {0: 1.0, 1: 1.0}, 2)
+    x, y, w = next(iter(dataset))
+    order = epoch_order(5, config.seed, 0)
+    np.testing.assert_allclose(x, tf.gather(resized, order), atol=1e-4)
+    # A model whose input is already the input size is its own view.
+    same = build_minivggnet(2, input_size=32, stored_size=32, width=0.25)
+    assert training_view(same) is same
+
+
+def test_ema_run_scores_and_saves_the_moving_average_of_the_weights(examples_h5, tmp_path):
+    from xrayfeat.runs import load_model_safely
+
+    train(examples_h5, tmp_path / "run", _tiny_config(ema=True, epochs=1))
+    best = load_model_safely(tmp_path / "run" / "model.keras")  # epoch 1 is the best
+    last = load_model_safely(tmp_path / "run" / "last.keras", compile=True)
+    averages = last.optimizer._model_variables_moving_average
+    assert last.optimizer.use_ema and len(averages) == len(best.trainable_variables)
+    differs = 0
+    for saved, average, raw in zip(best.trainable_variables, averages,
+                                   last.trainable_variables):
+        np.testing.assert_allclose(saved.numpy(), average.numpy(), rtol=1e-6)
+        differs += not np.allclose(average.numpy(), raw.numpy())
+    assert differs  # the raw weights trained on; the saved model is their average
+
+
+def test_threshold_method_is_recorded_with_its_interval(examples_h5, tmp_path):
+    result = train(examples_h5, tmp_path / "run",
+                   _tiny_config(threshold_method="sensitivity", threshold_sensitivity=0.9))
+    validation = json.loads((tmp_path / "run" / "validation.json").read_text())
+    assert validation["threshold_method"] == result.threshold_method == "sensitivity"
+    assert validation["threshold_min_sensitivity"] == 0.9
+    assert validation["metrics"]["sensitivity"] >= 0.9
+    assert validation["threshold"] == result.threshold
 
 
 def test_bfloat16_training_scores_and_saves_a_float32_model(examples_h5, tmp_path):

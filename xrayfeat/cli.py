@@ -282,6 +282,16 @@ def train(
     precision: Optional[str] = typer.Option(None, help="auto, float32 or bfloat16 arithmetic; "
                                             "auto picks bfloat16 on CPUs that have it "
                                             f"\\[default: {_DEFAULTS.precision}]."),
+    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Score and save a moving "
+                                       "average of the weights "
+                                       f"\\[default: {'on' if _DEFAULTS.ema else 'off'}]."),
+    threshold_method: Optional[str] = typer.Option(
+        None, help="How the operating threshold is chosen on validation: youden, bootstrap "
+        "(median over patient resamples) or sensitivity (highest threshold keeping "
+        f"--threshold-sensitivity) \\[default: {_DEFAULTS.threshold_method}]."),
+    threshold_sensitivity: Optional[float] = typer.Option(
+        None, help="Validation sensitivity the 'sensitivity' method keeps "
+        f"\\[default: {_DEFAULTS.threshold_sensitivity}]."),
     strategy: Optional[str] = typer.Option(None, help="auto, mirrored or multi-worker "
                                            f"(TF_CONFIG) \\[default: {_DEFAULTS.strategy}]."),
     tensorboard: Optional[Path] = typer.Option(None, help="Write TensorBoard logs here."),
@@ -301,7 +311,8 @@ def train(
     settings = load_train_config(config, {
         "input_size": input_size, "width": width, "color_mode": color_mode, "epochs": epochs,
         "batch_size": batch_size, "lr": lr, "seed": seed, "class_weight": class_weight,
-        "augment": augment, "precision": precision, "strategy": strategy,
+        "augment": augment, "precision": precision, "strategy": strategy, "ema": ema,
+        "threshold_method": threshold_method, "threshold_sensitivity": threshold_sensitivity,
         "tensorboard": str(tensorboard) if tensorboard else None,
     })
     from xrayfeat.training import train as train_run
@@ -320,7 +331,9 @@ def render_train(result, json_out: bool) -> None:
     if json_out:
         print(json.dumps({"run": str(result.run), "best_epoch": result.best_epoch,
                           "best_val_auc": result.best_val_auc, "epochs_run": result.epochs_run,
-                          "threshold": result.threshold, "seconds": result.seconds,
+                          "threshold": result.threshold,
+                          "threshold_method": result.threshold_method,
+                          "threshold_ci": result.threshold_ci, "seconds": result.seconds,
                           "validation": m}, default=str))
         return
     table = Table(title=f"{escape(str(result.run))}: best epoch {result.best_epoch} of "
@@ -334,6 +347,10 @@ def render_train(result, json_out: bool) -> None:
         if key in m and m[key] is not None:
             value = m[key]
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    if result.threshold_ci:
+        ci = result.threshold_ci
+        table.add_row(f"threshold 95% interval ({result.threshold_method})",
+                      f"{ci['lower']:.4f}-{ci['upper']:.4f}")
     out_console.print(table)
 
 

@@ -31,10 +31,13 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from xrayfeat.config import THRESHOLD_METHODS
+
 __all__ = [
     "SCALAR_METRICS",
     "binary_metrics",
     "bootstrap_ci",
+    "choose_threshold",
     "evaluate_predictions",
     "expected_calibration_error",
     "multiclass_metrics",
@@ -130,6 +133,88 @@ def youden_threshold(y_true: np.ndarray, prob: np.ndarray) -> float:
     return float(np.clip(thr, 0.0, 1.0))
 
 
+def sensitivity_threshold(y_true: np.ndarray, prob: np.ndarray, min_sensitivity: float) -> float:
+    """The highest threshold that keeps sensitivity >= ``min_sensitivity`` on these scores.
+
+    With the ``prob >= threshold`` rule that is the k-th highest positive score, where
+    ``k = ceil(min_sensitivity * n_positives)``.
+    """
+    y, p = _as_binary(y_true, prob)
+    if not 0.0 < min_sensitivity <= 1.0:
+        raise ValueError(f"min_sensitivity must be in (0, 1], got {min_sensitivity}")
+    positives = np.sort(p[y == 1])[::-1]
+    if positives.size == 0:
+        raise ValueError("sensitivity_threshold needs positives in y_true")
+    k = max(1, math.ceil(min_sensitivity * positives.size - 1e-9))
+    return float(np.clip(positives[k - 1], 0.0, 1.0))
+
+
+
+
+@dataclass
+class OperatingPoint:
+    """A chosen threshold, how it was chosen, and its 95 % bootstrap interval."""
+
+    threshold: float
+    method: str
+    ci: tuple[float, float]
+    n_boot: int
+    min_sensitivity: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "threshold_method": self.method,
+                "threshold_ci": {"lower": self.ci[0], "upper": self.ci[1], "level": 0.95,
+                                 "n_boot": self.n_boot, "unit": "patient"},
+                "threshold_min_sensitivity": self.min_sensitivity}
+
+
+def choose_threshold(
+    y_true: np.ndarray,
+    prob: np.ndarray,
+    method: str = "youden",
+    *,
+    groups: np.ndarray | None = None,
+    min_sensitivity: float = 0.95,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> OperatingPoint:
+    """Choose an operating threshold on validation scores by ``method`` (THRESHOLD_METHODS).
+
+    Every method also gets a 95 % interval: the 2.5th-97.5th percentiles of the thresholds
+    the same rule picks on ``n_boot`` bootstrap resamples of whole groups (patients), so a
+    wide interval says the threshold is poorly determined by this validation split.
+    Resamples holding a single class are skipped. Deterministic for a given ``seed``.
+    """
+    if method not in THRESHOLD_METHODS:
+        raise ValueError(f"method must be one of {THRESHOLD_METHODS}, got {method!r}")
+    y, p = _as_binary(y_true, prob)
+    if np.unique(y).size < 2:
+        raise ValueError("choosing a threshold needs both classes")
+
+    def rule(yy: np.ndarray, pp: np.ndarray) -> float:
+        if method == "sensitivity":
+            return sensitivity_threshold(yy, pp, min_sensitivity)
+        return youden_threshold(yy, pp)
+
+    g = np.arange(y.size) if groups is None else np.asarray(groups).ravel()
+    _, unit_of_image = np.unique(g, return_inverse=True)
+    members = [np.flatnonzero(unit_of_image == u) for u in range(unit_of_image.max() + 1)]
+    rng = np.random.default_rng(seed)
+    resampled = []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[u] for u in rng.integers(0, len(members), len(members))])
+        if np.unique(y[idx]).size == 2:
+            resampled.append(rule(y[idx], p[idx]))
+    if not resampled:  # too few groups for a single two-class resample
+        resampled = [rule(y, p)]
+    values = np.asarray(resampled)
+    lower, upper = (float(v) for v in np.percentile(values, [2.5, 97.5]))
+    threshold = float(np.median(values)) if method == "bootstrap" else rule(y, p)
+    return OperatingPoint(threshold=threshold, method=method, ci=(lower, upper),
+                          n_boot=len(resampled),
+                          min_sensitivity=min_sensitivity if method == "sensitivity" else None)
+
+
 # ----------------------------------------------------------------------- calibration
 
 
@@ -165,12 +250,18 @@ def expected_calibration_error(y_true: np.ndarray, prob: np.ndarray, n_bins: int
 # -------------------------------------------------------------------------- binary
 
 
+def _sensitivity_at_specificity(y: np.ndarray, p: np.ndarray, min_specificity: float) -> float:
+    fpr, tpr, _ = roc_curve(y, p)
+    return float(tpr[fpr <= 1.0 - min_specificity + 1e-12].max())
+
+
 def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, Any]:
     """Threshold-dependent and threshold-free metrics for a binary classifier.
 
     Keys: accuracy, sensitivity (recall of class 1), specificity, precision (PPV), npv,
-    f1, balanced_accuracy, roc_auc, pr_auc (average precision), brier, ece, threshold,
-    n, and confusion_matrix = {"tp", "fp", "tn", "fn"}. Undefined values are NaN.
+    f1, balanced_accuracy, roc_auc, pr_auc (average precision), sens_at_spec85 (the
+    highest sensitivity of any threshold whose specificity is >= 85 %), brier, ece,
+    threshold, n, and confusion_matrix = {"tp", "fp", "tn", "fn"}. Undefined values are NaN.
     """
     y, p = _as_binary(y_true, prob)
     pred = (p >= threshold).astype(np.int64)
@@ -193,6 +284,7 @@ def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> di
         # Ranking metrics compare positives with negatives: undefined with one class.
         "roc_auc": float(roc_auc_score(y, p)) if both_classes else _NAN,
         "pr_auc": float(average_precision_score(y, p)) if both_classes else _NAN,
+        "sens_at_spec85": _sensitivity_at_specificity(y, p, 0.85) if both_classes else _NAN,
         "brier": float(brier_score_loss(y, p, pos_label=1)),
         "ece": expected_calibration_error(y, p),
         "threshold": float(threshold),

@@ -6,7 +6,7 @@ Layout written by ``train``::
     RUN/last.keras          last finished epoch, with optimizer state, for --resume
     RUN/state.json          where training stands (epoch, best AUC, patience counters)
     RUN/config.json         every setting, classes, preprocessing, data hash, versions
-    RUN/validation.json     operating threshold (Youden's J on validation) and metrics
+    RUN/validation.json     operating threshold (chosen on validation), its 95 % interval, metrics
     RUN/history.csv         one row per epoch
     RUN/training_curves.png loss and validation AUC per epoch
 """
