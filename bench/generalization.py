@@ -81,6 +81,26 @@ def binary_scores(labels: np.ndarray, prob: np.ndarray, threshold: float) -> dic
             "sens_at_spec85": float(tpr[fpr <= 0.15].max()), "n": int(len(labels))}
 
 
+def threshold_methods(run: Path, data: Path, test_labels: np.ndarray,
+                      test_prob: np.ndarray) -> dict:
+    """test_dev at the threshold each method picks on the run's own validation scores
+    (chosen on validation only; test_dev is only scored)."""
+    from xrayfeat.dataset import load_split
+    from xrayfeat.evaluation import choose_threshold
+    from xrayfeat.runs import load_run
+    from xrayfeat.training import predict_local
+
+    val = load_split(data, "val")
+    val_prob = predict_local(load_run(run).load_model(), val.images[..., None])[:, 1]
+    out = {}
+    for method, kw in (("youden", {}), ("bootstrap", {}),
+                       ("sensitivity", {"min_sensitivity": 0.95})):
+        point = choose_threshold(val.labels, val_prob, method, groups=val.patients, **kw)
+        out[method] = {"threshold": point.threshold, "ci": list(point.ci),
+                       **binary_scores(test_labels, test_prob, point.threshold)}
+    return out
+
+
 def score_test_dev(run: Path, test_dev: Path, predict_options: list[str], out: Path) -> dict:
     preds = out / "test_dev_predictions.csv"
     started = time.perf_counter()
@@ -95,7 +115,8 @@ def score_test_dev(run: Path, test_dev: Path, predict_options: list[str], out: P
     labels = np.array([classes.index(Path(r["path"]).parent.name) for r in rows])
     prob = np.array([float(r["probability"]) for r in rows])
     threshold = float(rows[0]["threshold"])
-    return {**binary_scores(labels, prob, threshold), "predict_seconds": seconds}
+    return {**binary_scores(labels, prob, threshold), "predict_seconds": seconds,
+            "labels": labels.tolist(), "prob": prob.tolist()}
 
 
 def run_one(variant: dict, seed: int, args) -> dict:
@@ -110,12 +131,14 @@ def run_one(variant: dict, seed: int, args) -> dict:
     val = {k: m[k] for k in ("accuracy", "sensitivity", "specificity", "roc_auc")}
     val["sens_at_spec85"] = m.get("sens_at_spec85", float("nan"))
     test = score_test_dev(run, args.test_dev, variant["predict"], run)
+    methods = threshold_methods(run, data, np.array(test.pop("labels")), np.array(test["prob"]))
     return {"variant": variant["name"], "seed": seed, "train_options": variant["train"],
             "predict_options": variant["predict"], "prepare_options": variant["prepare"],
             "threshold": validation["threshold"],
             "threshold_method": validation.get("threshold_method"),
             "threshold_ci": validation.get("threshold_ci"),
             "best_epoch": validation.get("best_epoch"), "val": val, "test_dev": test,
+            "test_dev_by_threshold_method": methods,
             "wall_seconds": prepare_seconds + train_seconds,
             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -144,6 +167,19 @@ def report(results: list[dict], variants: list[str]) -> None:
               + f" {mean_sd([r['val']['roc_auc'] for r in rows]):>18}"
               + f" {mean_sd([r['threshold'] for r in rows]):>18}"
               + f" {mean_sd([r['wall_seconds'] / 60 for r in rows]):>16}")
+    print("\ntest_dev at each threshold method (chosen on validation), mean over seeds: "
+          "acc / sens / spec (threshold)")
+    for name in variants:
+        rows = [r for r in results if r["variant"] == name and "test_dev_by_threshold_method" in r]
+        if rows:
+            cells = []
+            for method in rows[0]["test_dev_by_threshold_method"]:
+                m = [r["test_dev_by_threshold_method"][method] for r in rows]
+                cells.append(f"{method} " + " / ".join(
+                    f"{np.mean([x[k] for x in m]):.3f}"
+                    for k in ("accuracy", "sensitivity", "specificity"))
+                    + f" ({np.mean([x['threshold'] for x in m]):.3f})")
+            print(f"  {name:<14} " + "   ".join(cells))
     print("targets on test_dev (mean of seeds): "
           + ", ".join(f"{k} >= {v}" for k, v in TARGETS.items()))
 

@@ -162,14 +162,15 @@ def test_epoch_order_is_a_seeded_permutation():
     assert not np.array_equal(a, epoch_order(50, 1, 4))
 
 
-def test_augmentation_is_a_pure_function_of_its_seed():
+@pytest.mark.parametrize("extra", [{}, {"blur": 1.0, "gamma": 0.4, "frame": 0.1}])
+def test_augmentation_is_a_pure_function_of_its_seed(extra):
     import tensorflow as tf
 
     from xrayfeat.training import augment_batch
 
     rng = np.random.default_rng(0)
     x = tf.constant(rng.integers(0, 255, (4, 48, 48, 1)).astype("float32"))
-    config = TrainConfig()
+    config = TrainConfig(**extra)
     a = augment_batch(x, tf.constant([1, 2]), config).numpy()
     b = augment_batch(x, tf.constant([1, 2]), config).numpy()
     c = augment_batch(x, tf.constant([1, 3]), config).numpy()
@@ -190,6 +191,32 @@ def test_no_horizontal_flip_by_default():
     config = TrainConfig(rotation_deg=0, shift=0, zoom=0, brightness=0, contrast=0)
     out = augment_batch(tf.constant(x), tf.constant([5, 6]), config).numpy()
     np.testing.assert_allclose(out, x, atol=1e-3)
+
+
+def test_acquisition_augmentations_do_what_they_say():
+    import tensorflow as tf
+
+    from xrayfeat.training import augment_batch
+
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.uniform(40, 215, (64, 32, 32, 1)).astype("float32"))
+    still = {"rotation_deg": 0, "shift": 0, "zoom": 0, "brightness": 0, "contrast": 0}
+    seeds = tf.constant([3, 4])
+    # Blur or sharpen: the mean stays, the pixel-to-pixel variation moves both ways.
+    out = augment_batch(x, seeds, TrainConfig(**still, blur=1.0)).numpy()
+    detail = np.abs(np.diff(out, axis=2)).mean(axis=(1, 2, 3))
+    before = np.abs(np.diff(x.numpy(), axis=2)).mean(axis=(1, 2, 3))
+    assert (detail < before * 0.9).any() and (detail > before * 1.1).any()
+    np.testing.assert_allclose(out.mean(), x.numpy().mean(), rtol=0.02)
+    # Gamma maps 0 and 255 onto themselves and moves mid-tones.
+    ends = tf.constant(np.tile(np.array([0.0, 255.0], np.float32), (8, 8, 16))[..., None])
+    np.testing.assert_allclose(augment_batch(ends, seeds, TrainConfig(**still, gamma=0.5)),
+                               ends, atol=1e-3)
+    # A black frame on about half the images, never wider than asked.
+    out = augment_batch(x, seeds, TrainConfig(**still, frame=0.25)).numpy()
+    framed = (out[:, 0, :, 0] == 0).all(axis=1)
+    assert 0.2 < framed.mean() < 0.8
+    assert (out[:, 8:24, 8:24] > 0).all()
 
 
 # --------------------------------------------------------------------------- run directory

@@ -48,7 +48,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from xrayfeat.atomic import atomic_output
+from xrayfeat.atomic import atomic_output, prepare_out_dir
 from xrayfeat.errors import DatasetError, ImageReadError, RunError, UsageError, XrayfeatError
 
 CAM_METHODS = ("gradcam", "gradcam++", "scorecam")
@@ -387,20 +387,6 @@ def _short(path: str | os.PathLike, limit: int = 60) -> str:
 
 
 # --------------------------------------------------------------------------- output folder
-
-def prepare_out_dir(out: Path, overwrite: bool) -> Path:
-    """Create ``out``; refuse a file, or a non-empty folder without ``overwrite``."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"{out} exists and is not empty; pass --overwrite to write into it")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create {out}: {exc.strerror or exc}") from None
-    return out
-
 
 def _write_text(path: Path, text: str) -> Path:
     with atomic_output(path) as tmp:

@@ -703,6 +703,62 @@ def render_probes(result) -> None:
                       soft_wrap=True)
 
 
+@app.command()
+@friendly_errors
+def audit(
+    run: Path = typer.Argument(..., help="Run directory from 'train'."),
+    data: Path = typer.Argument(..., help="Dataset from 'prepare' (.h5)."),
+    split: str = typer.Option("val", help="Split of DATA to audit."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write audit.json, audit.csv "
+                                       "and audit.png here."),
+    limit: Optional[int] = typer.Option(None, help="Use at most this many images (evenly "
+                                        "spaced)."),
+    overwrite: bool = typer.Option(False, help="Write into a non-empty --out folder."),
+    json_out: bool = typer.Option(False, "--json", help="Print exactly one JSON object on "
+                                  "stdout."),
+) -> None:
+    """Find shortcuts: how the run's predictions move under nuisance transforms.
+
+    [bold]Example:[/] xrayfeat audit runs/mvgg data/kermany.h5 --split val --out audit/
+    """
+    _quiet_tensorflow()
+    from xrayfeat.audit import audit_run
+
+    with _progress() as progress:
+        bar = _Bar(progress, "audit")
+        result = audit_run(run, data, split=split, out=out, overwrite=overwrite, limit=limit,
+                           on_start=bar.start, on_progress=bar.advance)
+    render_audit(result, json_out)
+
+
+def render_audit(result, json_out: bool) -> None:
+    """One row per transform and class: mean shift of the score with its interval, flips."""
+    import json
+
+    if json_out:
+        print(json.dumps(result.to_dict()))
+        return
+    table = Table(title=f"{escape(result.split)} of {escape(result.data)}: {result.n} images; "
+                  f"shift of the {escape(result.score)}"
+                  + (f"; flips at threshold {result.threshold:.3f}"
+                     if result.threshold is not None else ""))
+    table.add_column("transform")
+    table.add_column("true class")
+    table.add_column("mean shift (95% interval)", justify="right")
+    table.add_column("label flipped", justify="right")
+    for row in result.rows:
+        table.add_row(Text(row.transform), Text(row.class_name),
+                      f"{row.mean_shift:+.3f} ({row.ci_low:+.3f} to {row.ci_high:+.3f})",
+                      f"{100 * row.flipped:.1f} %")
+    out_console.print(table)
+    largest = ", ".join(f"{r.transform} on {r.class_name} ({r.mean_shift:+.3f})"
+                        for r in result.largest(3))
+    out_console.print(Text(f"largest shifts: {largest}"), soft_wrap=True)
+    if result.files:
+        err_console.print(Text(f"wrote {len(result.files)} file(s) to "
+                               f"{Path(result.files[0]).parent}"), highlight=False)
+
+
 def main() -> None:
     """Console-script entry point."""
     # TensorFlow's C++ start-up chatter is not for users; real errors still surface.

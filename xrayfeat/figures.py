@@ -32,6 +32,7 @@ from xrayfeat.evaluation import expected_calibration_error, reliability_curve  #
 
 __all__ = [
     "atomic_savefig",
+    "plot_audit",
     "plot_confusion",
     "plot_per_class_roc",
     "plot_pr",
@@ -687,4 +688,37 @@ def plot_probe_auc(
     ax.legend([handles[i] for i in order], [labels[i] for i in order], loc="lower right",
               fontsize=8)
     fig.suptitle(title, fontsize=9)
+    return atomic_savefig(fig, path)
+
+
+# --------------------------------------------------------------------------- shortcut audit
+
+def plot_audit(rows: Sequence[Any], classes: Sequence[str], score: str,
+               path: str | os.PathLike[str]) -> Path:
+    """Mean score shift per nuisance transform (rows) and class (bars), with 95 % intervals.
+
+    ``rows`` are :class:`xrayfeat.audit.AuditRow`-like objects (``transform``,
+    ``class_name``, ``mean_shift``, ``ci_low``, ``ci_high``).
+    """
+    transforms = list(dict.fromkeys(r.transform for r in rows))
+    present = [c for c in classes if any(r.class_name == c for r in rows)]
+    height = 0.8 / max(1, len(present))
+    fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(transforms) + 1.6), layout="constrained")
+    y = np.arange(len(transforms))
+    for k, cls in enumerate(present):
+        by_name = {r.transform: r for r in rows if r.class_name == cls}
+        mean = np.array([by_name[t].mean_shift if t in by_name else np.nan for t in transforms])
+        low = np.array([by_name[t].ci_low if t in by_name else np.nan for t in transforms])
+        high = np.array([by_name[t].ci_high if t in by_name else np.nan for t in transforms])
+        offset = (k - (len(present) - 1) / 2) * height
+        ax.barh(y + offset, mean, height=height, color=f"C{k}", label=cls,
+                xerr=np.nan_to_num(np.vstack([mean - low, high - mean])), ecolor="0.3",
+                capsize=2)
+    ax.axvline(0.0, color="k", lw=0.8)
+    ax.set_yticks(y, transforms, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"mean change in the {score} (95 % interval)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(title="true class", fontsize=8, title_fontsize=8, loc="lower right")
+    ax.set_title("How predictions move under nuisance transforms", fontsize=10)
     return atomic_savefig(fig, path)

@@ -456,7 +456,7 @@ def depth_probes(
     depth). ``on_start(images)``/``on_progress(n)`` follow the streaming,
     ``on_fit_start(layers)``/``on_fit(1)`` the probe fits.
     """
-    from xrayfeat.activations import prepare_out_dir
+    from xrayfeat.atomic import prepare_out_dir
     from xrayfeat.figures import plot_probe_auc
     from xrayfeat.runs import open_run_on_split, write_json
 

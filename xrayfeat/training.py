@@ -185,13 +185,15 @@ def augment_batch(images, seeds, config: TrainConfig):
     """Radiograph-safe augmentation of a float32 batch ``(b, S, S, 1)`` in 0-255.
 
     One affine warp per image (rotation, shift, zoom: one interpolation, not three),
-    then brightness and contrast. ``seeds`` is a ``(2,)`` int tensor: stateless ops make
+    then brightness and contrast, and where configured blur/sharpening, gamma and a black
+    frame (the acquisition differences ``xrayfeat audit`` measures). ``seeds`` is a ``(2,)`` int tensor: stateless ops make
     the result a pure function of it.
     """
     import tensorflow as tf
 
     b = tf.shape(images)[0]
     size = tf.cast(tf.shape(images)[1], tf.float32)
+
     def u(i, lo, hi):
         return tf.random.stateless_uniform([b], seed=seeds + i, minval=lo, maxval=hi)
 
@@ -218,7 +220,34 @@ def augment_batch(images, seeds, config: TrainConfig):
     contrast = 1.0 + u(6, -config.contrast, config.contrast)
     brightness = u(7, -config.brightness, config.brightness) * 255.0
     images = (images - mean) * contrast[:, None, None, None] + mean + brightness[:, None, None, None]
-    return tf.clip_by_value(images, 0.0, 255.0)
+    images = tf.clip_by_value(images, 0.0, 255.0)
+    if config.blur:
+        # Blur (a > 0) or unsharp-mask sharpening (a < 0) towards a Gaussian of sigma
+        # side/64: acquisition sites differ in sharpness (see `xrayfeat audit`).
+        blurred = _gaussian_blur(images, sigma=size / 64.0)
+        a = u(8, -config.blur, config.blur)[:, None, None, None]
+        images = tf.clip_by_value(images + a * (blurred - images), 0.0, 255.0)
+    if config.gamma:
+        gamma = tf.exp(u(9, -config.gamma, config.gamma))[:, None, None, None]
+        images = 255.0 * tf.pow(images / 255.0, gamma)
+    if config.frame:
+        # Half the images get a black frame of random width (collimation, scanner borders).
+        width = u(10, 0.0, config.frame) * size * tf.cast(u(11, 0.0, 1.0) < 0.5, tf.float32)
+        pos = tf.range(size)[None, :]
+        inside = tf.cast((pos >= width[:, None]) & (pos < size - width[:, None]), tf.float32)
+        images = images * (inside[:, :, None, None] * inside[:, None, :, None])
+    return images
+
+
+def _gaussian_blur(images, sigma):
+    """A separable 5-tap Gaussian blur with reflected edges, of a ``(b, S, S, 1)`` batch."""
+    import tensorflow as tf
+
+    taps = tf.exp(-tf.square(tf.range(-2.0, 3.0)) / (2.0 * tf.square(sigma)))
+    taps = taps / tf.reduce_sum(taps)
+    padded = tf.pad(images, [[0, 0], [2, 2], [2, 2], [0, 0]], mode="REFLECT")
+    out = tf.nn.conv2d(padded, tf.reshape(taps, [5, 1, 1, 1]), 1, "VALID")
+    return tf.nn.conv2d(out, tf.reshape(taps, [1, 5, 1, 1]), 1, "VALID")
 
 
 def make_train_dataset(info: DatasetInfo, config: TrainConfig, initial_epoch: int,
