@@ -368,6 +368,8 @@ def evaluate(
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples (by patient) for 95% CIs; "
                                   "0 turns them off."),
     seed: int = typer.Option(0, help="Seed of the bootstrap."),
+    tta: int = typer.Option(1, help="Test-time augmentation: average over this many fixed "
+                            "shifted/zoomed views (1 = off)."),
     json_out: bool = typer.Option(False, "--json", help="Print exactly one JSON object on "
                                   "stdout."),
 ) -> None:
@@ -385,7 +387,7 @@ def evaluate(
     if threshold is not None and not 0 <= threshold <= 1:
         raise UsageError(f"--threshold must be between 0 and 1, got {threshold}")
     result = evaluate_runs(paths[:-1], paths[-1], split=split, out=out, threshold=threshold,
-                           n_boot=bootstrap, seed=seed)
+                           n_boot=bootstrap, seed=seed, tta=tta)
     render_evaluate(result, json_out)
 
 
@@ -465,6 +467,8 @@ def predict(
     strict: bool = typer.Option(False, help="Exit 1 if any file could not be predicted."),
     batch_size: int = typer.Option(32, help="Images per inference batch."),
     workers: Optional[int] = typer.Option(None, help="Decoding processes (default: all cores)."),
+    tta: int = typer.Option(1, help="Test-time augmentation: average over this many fixed "
+                            "shifted/zoomed views (1 = off)."),
 ) -> None:
     """Predict every radiograph in files, folders and globs.
 
@@ -479,7 +483,7 @@ def predict(
         bar = _Bar(progress, "predict")
         summary = predict_run(run, inputs, out=out, fmt=fmt, threshold=threshold,
                               gradcam_dir=gradcam, shard=shard, skip_done=skip_done,
-                              batch_size=batch_size, workers=workers,
+                              batch_size=batch_size, workers=workers, tta=tta,
                               on_start=bar.start, on_progress=bar.advance)
     render_predict(summary)
     if strict and summary.errors:

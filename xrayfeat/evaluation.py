@@ -576,10 +576,11 @@ def _run_label(path: Path, taken: set[str]) -> str:
     return label
 
 
-def _dataset_predictions(runs, models, data: Path, split: str, notices: list[str]):
+def _dataset_predictions(runs, models, data: Path, split: str, notices: list[str], tta: int):
     """Probabilities of every run on one split of a prepared dataset, streamed in batches."""
     from xrayfeat.dataset import iter_split, load_split, open_dataset
     from xrayfeat.runs import check_dataset_matches
+    from xrayfeat.tta import predict_batch
 
     info = open_dataset(data)
     if split not in info.split_counts:
@@ -599,11 +600,11 @@ def _dataset_predictions(runs, models, data: Path, split: str, notices: list[str
     for images, _ in iter_split(data, split, batch_size=128):
         x = images[..., None].astype(np.float32)
         for k, model in enumerate(models):
-            probs[k].append(np.asarray(model.predict_on_batch(x), dtype=np.float64))
+            probs[k].append(predict_batch(model, x, tta))
     return split, meta.labels, meta.patients, meta.paths, [np.concatenate(p) for p in probs]
 
 
-def _folder_predictions(runs, data: Path, split: str, left_out: list):
+def _folder_predictions(runs, data: Path, split: str, left_out: list, tta: int):
     """Probabilities on a class folder through ``predict``'s own code path."""
     from xrayfeat.dataset import SPLITS, find_labelled_files
     from xrayfeat.errors import DatasetError
@@ -626,7 +627,7 @@ def _folder_predictions(runs, data: Path, split: str, left_out: list):
     paths = [f.path for f in files]
     per_run = []
     for run in runs:
-        rows = [r for batch in predict_files(run, paths) for r in batch]
+        rows = [r for batch in predict_files(run, paths, tta=tta) for r in batch]
         per_run.append(rows)
     ok = [i for i, r in enumerate(per_run[0]) if not r["error"]]
     left_out.extend((r["path"], r["error"]) for r in per_run[0] if r["error"])
@@ -647,15 +648,19 @@ def evaluate_runs(
     threshold: float | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    tta: int = 1,
 ) -> EvaluationResult:
     """Evaluate runs on a dataset split (.h5) or a class folder; write report files to ``out``.
 
     Each run is scored at its own operating threshold (chosen on validation by ``train``)
-    unless ``threshold`` is given. Confidence intervals resample patients.
+    unless ``threshold`` is given. Confidence intervals resample patients. ``tta`` > 1
+    averages each image's probabilities over that many fixed views (xrayfeat.tta).
     """
     from xrayfeat.errors import DatasetError, UsageError
     from xrayfeat.runs import load_run
+    from xrayfeat.tta import check_views
 
+    check_views(tta)
     if not run_paths:
         raise UsageError("give at least one run directory before DATA")
     if not data.exists():
@@ -669,11 +674,11 @@ def evaluate_runs(
     notices: list[str] = []
     left_out: list[tuple[str, str]] = []
     if data.is_dir():
-        labels, patients, paths, probs = _folder_predictions(runs, data, split, left_out)
+        labels, patients, paths, probs = _folder_predictions(runs, data, split, left_out, tta)
     else:
         models = [r.load_model() for r in runs]
         split, labels, patients, paths, probs = _dataset_predictions(runs, models, data, split,
-                                                                     notices)
+                                                                     notices, tta)
     if len(labels) == 0:
         raise DatasetError(f"no readable images to evaluate in {data}")
     taken: set[str] = set()

@@ -224,13 +224,18 @@ def predict_files(
     batch_size: int = 32,
     workers: int | None = None,
     gradcam_dir: Path | None = None,
+    tta: int = 1,
     on_rows: Callable[[list[dict]], None] | None = None,
 ) -> Iterator[list[dict]]:
     """Yield one list of output rows per batch, in the order of ``paths``.
 
     Every path gets exactly one row; unreadable files get an ``error`` and empty
     probabilities. This is the library entry point ``predict`` and ``evaluate`` share.
+    ``tta`` > 1 averages the probabilities over that many fixed views (xrayfeat.tta).
     """
+    from xrayfeat.tta import check_views, predict_batch
+
+    check_views(tta)
     run = run if isinstance(run, Run) else load_run(run)
     classes = run.classes
     threshold = run.threshold if threshold is None else threshold
@@ -249,7 +254,7 @@ def predict_files(
         probs = np.zeros((0, len(classes)))
         if ok:
             x = np.stack([prep.image for _, _, prep in ok])[..., None].astype(np.float32)
-            probs = np.asarray(model.predict_on_batch(x), dtype=np.float64)
+            probs = predict_batch(model, x, tta)
         labels, reported = decide(probs, classes, threshold) if ok else ([], [])
         if ok and stems is not None:
             # Explain the label predict reports (the threshold decides, not the argmax).
@@ -294,13 +299,17 @@ def predict(
     skip_done: bool = False,
     batch_size: int = 32,
     workers: int | None = None,
+    tta: int = 1,
     keep_rows: int = 200,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> PredictSummary:
     """Predict every supported file in ``inputs``; write rows to ``out`` or return them."""
+    from xrayfeat.tta import check_views
+
     started = time.perf_counter()
     run = load_run(run_path)
+    check_views(tta)
     fmt = output_format(out, fmt)
     if threshold is not None and not 0 <= threshold <= 1:
         raise UsageError(f"--threshold must be between 0 and 1, got {threshold}")
@@ -337,7 +346,8 @@ def predict(
                 on_progress(len(rows))
 
     batches = predict_files(run, todo, threshold=threshold, batch_size=batch_size,
-                            workers=workers, gradcam_dir=gradcam_dir) if todo else iter(())
+                            workers=workers, gradcam_dir=gradcam_dir,
+                            tta=tta) if todo else iter(())
     if out is None:
         consume(batches, None)
     else:
