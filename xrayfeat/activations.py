@@ -169,12 +169,15 @@ def describe_layers(model) -> list[LayerInfo]:
     """Every layer of ``model`` whose output is an image-like (batch, h, w, c) tensor."""
     from keras import layers
 
-    found, depth = [], 0
+    from xrayfeat.ensemble import member_of
+
+    found, depths = [], {}  # conv layers so far, per ensemble member ("" outside ensembles)
     for layer in model.layers:
         if isinstance(layer, layers.InputLayer):
             continue
         kind = _kind(layer)
-        depth += kind == "conv"
+        member = member_of(layer.name)
+        depths[member] = depth = depths.get(member, 0) + (kind == "conv")
         try:
             shape = tuple(layer.output.shape)
         except (AttributeError, ValueError):
@@ -189,12 +192,17 @@ def conv_layers(model) -> list[LayerInfo]:
     return [info for info in describe_layers(model) if info.kind == "conv"]
 
 
-def last_conv_layer(model) -> str:
-    """Name of the last Conv2D layer: where the class-activation maps are taken."""
-    convs = conv_layers(model)
-    if not convs:
+def cam_layers(model) -> list[str]:
+    """Where class-activation maps are taken: the last Conv2D layer, or for an ensemble
+    (xrayfeat.ensemble) the last Conv2D layer of each member."""
+    from xrayfeat.ensemble import member_of
+
+    last: dict[str, str] = {}
+    for info in conv_layers(model):
+        last[member_of(info.name)] = info.name
+    if not last:
         raise RunError("the model has no Conv2D layer to take class-activation maps from")
-    return convs[-1].name
+    return list(last.values())
 
 
 def select_layers(
@@ -294,6 +302,12 @@ def _quiet_keras():
             keras.config.enable_interactive_logging()
 
 
+def _rescale_each(cams: np.ndarray) -> np.ndarray:
+    """Each map divided by its own maximum (maps that are all zero stay zero)."""
+    peak = cams.reshape(len(cams), -1).max(axis=1)
+    return cams / np.where(peak > 0, peak, 1.0)[:, None, None]
+
+
 def gradcam_maps(
     model, images: np.ndarray, class_indices: Sequence[int], method: str = "gradcam"
 ) -> np.ndarray:
@@ -315,17 +329,22 @@ def gradcam_maps(
         return np.zeros((0, *x.shape[1:3]), np.float32)
     from tf_keras_vis.utils.scores import CategoricalScore
 
-    kwargs: dict[str, Any] = {"penultimate_layer": last_conv_layer(model),
-                              "seek_penultimate_conv_layer": False}
+    kwargs: dict[str, Any] = {"seek_penultimate_conv_layer": False}
     if method == "scorecam":
         kwargs["batch_size"] = 32
-    with warnings.catch_warnings(), _quiet_keras():
-        # Score-CAM feeds the model a tuple; Keras 3 warns about the structure, harmlessly.
-        warnings.filterwarnings("ignore", message="The structure of `inputs`", category=UserWarning)
-        cams = np.asarray(_visualizer(model, method)(CategoricalScore(indices), x, **kwargs),
-                          dtype=np.float32)
-    if cams.ndim == 4:
-        cams = cams[..., 0]
+    per_layer = []
+    # An ensemble's map is the mean of its members' maps (each taken through the ensemble's
+    # own output, so each member's share of the average is what is explained).
+    for layer in cam_layers(model):
+        with warnings.catch_warnings(), _quiet_keras():
+            # Score-CAM feeds the model a tuple; Keras 3 warns about the structure, harmlessly.
+            warnings.filterwarnings("ignore", message="The structure of `inputs`",
+                                    category=UserWarning)
+            maps = np.asarray(_visualizer(model, method)(CategoricalScore(indices), x,
+                                                         penultimate_layer=layer, **kwargs),
+                              dtype=np.float32)
+        per_layer.append(maps[..., 0] if maps.ndim == 4 else maps)
+    cams = per_layer[0] if len(per_layer) == 1 else _rescale_each(np.mean(per_layer, axis=0))
     if cams.shape[1:] != x.shape[1:3]:
         import cv2
 

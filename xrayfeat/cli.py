@@ -709,6 +709,55 @@ def render_probes(result) -> None:
 
 @app.command()
 @friendly_errors
+def ensemble(
+    runs: List[Path] = typer.Argument(..., help="Two or more run directories trained on the "
+                                      "same prepared dataset."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory to write."),
+    data: Optional[Path] = typer.Option(None, help="The members' dataset, when it has moved "
+                                        "since training (checked by SHA-256)."),
+    threshold_method: Optional[str] = typer.Option(
+        None, help="youden, bootstrap or sensitivity \\[default: the members' method]."),
+    overwrite: bool = typer.Option(False, help="Replace an existing run at --out."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+) -> None:
+    """Average trained runs into one run (its threshold chosen again on validation).
+
+    [bold]Example:[/] xrayfeat ensemble runs/seed1 runs/seed2 runs/seed3 --out runs/ensemble
+    """
+    import json
+
+    _quiet_tensorflow()
+    from xrayfeat.ensemble import ensemble_runs
+
+    result = ensemble_runs(runs, out, data=data, threshold_method=threshold_method,
+                           overwrite=overwrite)
+    if json_out:
+        print(json.dumps({"run": str(result.run), "members": result.members,
+                          "member_val_auc": result.member_val_auc, "val_auc": result.val_auc,
+                          "threshold": result.threshold,
+                          "threshold_method": result.threshold_method,
+                          "threshold_ci": result.threshold_ci, "validation": result.validation,
+                          "seconds": result.seconds}, default=str))
+        return
+    table = Table(title=f"{escape(str(result.run))}: {len(result.members)} members, "
+                  f"{result.seconds:.1f} s")
+    table.add_column("validation")
+    table.add_column("value", justify="right")
+    for member, auc in zip(result.members, result.member_val_auc):
+        table.add_row(Text(f"roc_auc of {member}"), f"{auc:.4f}")
+    table.add_row("roc_auc of the ensemble", f"{result.val_auc:.4f}")
+    for key in ("accuracy", "sensitivity", "specificity"):
+        if key in result.validation:
+            table.add_row(key, f"{result.validation[key]:.4f}")
+    if result.threshold is not None:
+        ci = result.threshold_ci
+        table.add_row(f"threshold ({result.threshold_method})",
+                      f"{result.threshold:.4f} ({ci['lower']:.4f}-{ci['upper']:.4f})")
+    out_console.print(table)
+
+
+@app.command()
+@friendly_errors
 def audit(
     run: Path = typer.Argument(..., help="Run directory from 'train'."),
     data: Path = typer.Argument(..., help="Dataset from 'prepare' (.h5)."),
