@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -125,11 +126,27 @@ def test_cli_exit_codes_and_strict(trained_run, mixed_folder, tmp_path):
     assert "does not exist" in missing.output and "Traceback" not in missing.output
 
 
-def test_table_without_out(trained_run):
+@pytest.mark.parametrize("args", [[], ["--out", "-"]])
+def test_without_out_every_row_goes_to_stdout_as_csv(trained_run, args):
+    """Off a terminal (a pipe, a script, CliRunner) rows are CSV on stdout, whole: no table,
+    so nothing depends on the terminal's width."""
     result = runner.invoke(app, ["predict", str(trained_run), str(EXAMPLES_DIR / "val"),
-                                 "--workers", "1"])
+                                 "--workers", "1", *args])
     assert result.exit_code == 0, result.output
-    assert "NORMAL" in result.output and "predicted 12 file(s)" in result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert len(rows) == 12
+    assert {Path(r["path"]).parent.name for r in rows} == {"NORMAL", "PNEUMONIA"}
+    assert all(Path(r["path"]).is_file() for r in rows)  # full paths, never cut
+    assert "predicted 12 file(s)" in result.stderr
+
+
+def test_stdout_takes_every_format(trained_run):
+    jsonl = runner.invoke(app, ["predict", str(trained_run), str(EXAMPLES_DIR / "val"),
+                                "--workers", "1", "--format", "jsonl"])
+    assert len([json.loads(line)["label"] for line in jsonl.stdout.splitlines()]) == 12
+    whole = runner.invoke(app, ["predict", str(trained_run), str(EXAMPLES_DIR / "val"),
+                                "--workers", "1", "--format", "json", "--out", "-"])
+    assert len(json.loads(whole.stdout)) == 12
 
 
 def test_gradcam_overlays_one_per_readable_input(trained_run, mixed_folder, tmp_path):

@@ -453,7 +453,8 @@ def predict(
     run: Path = typer.Argument(..., help="Run directory from 'train'."),
     inputs: List[str] = typer.Argument(..., help="Files, folders (recursive) or glob patterns."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (.csv, .jsonl "
-                                       "or .json); without it, a table on the terminal."),
+                                       "or .json), or - for stdout; without it, rows go "
+                                       "to stdout (a table when stdout is a terminal)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="csv, jsonl or json "
                                       "\\[default: from --out's extension, else csv]."),
     threshold: Optional[float] = typer.Option(None, help="Override the run's operating "
@@ -479,20 +480,25 @@ def predict(
     _quiet_tensorflow()
     from xrayfeat.prediction import predict as predict_run
 
+    to_stdout = out is not None and str(out) == "-"
+    out = None if to_stdout else out
+    # Rows for scripts go to stdout whole; a table is only for a person at a terminal.
+    stream = sys.stdout if out is None and (to_stdout or fmt or not sys.stdout.isatty()) \
+        else None
     with _progress() as progress:
         bar = _Bar(progress, "predict")
-        summary = predict_run(run, inputs, out=out, fmt=fmt, threshold=threshold,
+        summary = predict_run(run, inputs, out=out, fmt=fmt, threshold=threshold, stream=stream,
                               gradcam_dir=gradcam, shard=shard, skip_done=skip_done,
                               batch_size=batch_size, workers=workers, tta=tta,
                               on_start=bar.start, on_progress=bar.advance)
-    render_predict(summary)
+    render_predict(summary, table=out is None and stream is None)
     if strict and summary.errors:
         raise typer.Exit(EXIT_FAILURES)
 
 
-def render_predict(summary) -> None:
-    """Rows as a table when there is no output file; then counts per class and errors."""
-    if summary.out is None and summary.rows:
+def render_predict(summary, table: bool) -> None:
+    """Rows as a table (``table``: stdout is a terminal); then counts per class and errors."""
+    if table and summary.rows:
         table = Table()
         for name in ("path", "label", "probability", "error"):
             table.add_column(name, overflow="fold")

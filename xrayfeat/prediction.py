@@ -21,7 +21,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TextIO
 
 import numpy as np
 
@@ -150,6 +150,30 @@ def _format_rows(rows: list[dict], names: list[str], fmt: str, header: bool) -> 
         writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+class _StreamWriter:
+    """Rows to an open text stream (stdout), in the output format, as they come."""
+
+    def __init__(self, stream: TextIO, fmt: str, names: list[str]):
+        self.stream, self.fmt, self.names = stream, fmt, names
+        self.rows_json: list[dict] = []
+        if fmt == "csv":
+            self._write(_format_rows([], names, "csv", header=True))
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+    def write(self, rows: list[dict]) -> None:
+        if self.fmt == "json":
+            self.rows_json.extend(rows)
+        else:
+            self._write(_format_rows(rows, self.names, self.fmt, header=False))
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            self._write(json.dumps(self.rows_json, indent=1) + "\n")
 
 
 class _Writer:
@@ -300,11 +324,16 @@ def predict(
     batch_size: int = 32,
     workers: int | None = None,
     tta: int = 1,
+    stream: TextIO | None = None,
     keep_rows: int = 200,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> PredictSummary:
-    """Predict every supported file in ``inputs``; write rows to ``out`` or return them."""
+    """Predict every supported file in ``inputs``.
+
+    Rows go to the file ``out``, else to the text ``stream`` (all of them, in ``fmt``), else
+    the first ``keep_rows`` come back in the summary.
+    """
     from xrayfeat.tta import check_views
 
     started = time.perf_counter()
@@ -348,7 +377,11 @@ def predict(
     batches = predict_files(run, todo, threshold=threshold, batch_size=batch_size,
                             workers=workers, gradcam_dir=gradcam_dir,
                             tta=tta) if todo else iter(())
-    if out is None:
+    if out is None and stream is not None:
+        sink = _StreamWriter(stream, fmt, names)
+        consume(batches, sink)
+        sink.close()
+    elif out is None:
         consume(batches, None)
     else:
         with _Writer(out, fmt, names, journal=skip_done) as writer:
