@@ -370,6 +370,25 @@ def test_ema_run_scores_and_saves_the_moving_average_of_the_weights(examples_h5,
     assert differs  # the raw weights trained on; the saved model is their average
 
 
+def test_batch_norm_recalibration_gives_averaged_weights_their_own_statistics():
+    import keras
+
+    from xrayfeat.training import recalibrate_batch_norm
+
+    inputs = keras.Input((4, 4, 1))
+    model = keras.Model(inputs, keras.layers.BatchNormalization(momentum=0.9)(inputs))
+    bn = model.layers[-1]
+    bn.moving_mean.assign([123.0])
+    # Two batches of different means: the statistics become their plain mean, whatever
+    # they were before, and the layer's momentum is left as it was.
+    images = np.concatenate([np.full((32, 4, 4, 1), 10.0, np.float32),
+                             np.full((32, 4, 4, 1), 20.0, np.float32)])
+    recalibrate_batch_norm(model, images)
+    assert float(bn.moving_mean.numpy()[0]) == pytest.approx(15.0, rel=1e-5)
+    assert float(bn.moving_variance.numpy()[0]) == pytest.approx(0.0, abs=1e-3)
+    assert bn.momentum == 0.9
+
+
 def test_threshold_method_is_recorded_with_its_interval(examples_h5, tmp_path):
     result = train(examples_h5, tmp_path / "run",
                    _tiny_config(threshold_method="sensitivity", threshold_sensitivity=0.9))
