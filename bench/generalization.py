@@ -143,6 +143,53 @@ def run_one(variant: dict, seed: int, args) -> dict:
             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def posthoc(result: dict, args) -> dict:
+    """Analyses of a finished run that need no training: epoch-to-epoch stability of the
+    validation AUC, test-time augmentation, and every threshold method (older rows)."""
+    run = args.out / "runs" / f"{result['variant']}-seed{result['seed']}"
+    with open(run / "history.csv", newline="") as fh:
+        aucs = np.array([float(r["val_auc"]) for r in csv.DictReader(fh)])
+    result["val_auc_by_epoch"] = aucs.tolist()
+    result["val_auc_mean_jump"] = float(np.abs(np.diff(aucs[2:])).mean()) if len(aucs) > 3 \
+        else float("nan")
+    data, _ = prepared(args.out, args.train, result.get("prepare_options", []))
+    if "test_dev_by_threshold_method" not in result:
+        test = score_test_dev(run, args.test_dev, result["predict_options"], run)
+        result["test_dev_by_threshold_method"] = threshold_methods(
+            run, data, np.array(test.pop("labels")), np.array(test["prob"]))
+    if args.tta > 1 and "test_dev_tta" not in result:
+        tta_dir = run / f"tta{args.tta}"
+        tta_dir.mkdir(exist_ok=True)
+        test = score_test_dev(run, args.test_dev,
+                              [*result["predict_options"], "--tta", str(args.tta)], tta_dir)
+        test.pop("labels")
+        test.pop("prob")
+        result["test_dev_tta"] = {"views": args.tta, **test}
+    return result
+
+
+def ensemble_row(name: str, results: list[dict], args) -> dict:
+    """The variant's seeds averaged with ``xrayfeat ensemble``, scored like a run."""
+    rows = [r for r in results if r["variant"] == name and r["seed"] > 0]
+    out = args.out / "runs" / f"{name}-ensemble"
+    xrayfeat("ensemble", *(str(args.out / "runs" / f"{name}-seed{r['seed']}") for r in rows),
+             "--out", str(out), "--overwrite", stdout=subprocess.DEVNULL)
+    validation = json.loads((out / "validation.json").read_text())
+    m = validation["metrics"]
+    test = score_test_dev(out, args.test_dev, rows[0]["predict_options"], out)
+    test.pop("labels")
+    test.pop("prob")
+    return {"variant": f"{name}-ensemble", "seed": 0, "members": len(rows),
+            "train_options": rows[0]["train_options"], "predict_options": rows[0]["predict_options"],
+            "prepare_options": rows[0]["prepare_options"], "threshold": validation["threshold"],
+            "threshold_method": validation["threshold_method"],
+            "threshold_ci": validation.get("threshold_ci"),
+            "val": {k: m[k] for k in ("accuracy", "sensitivity", "specificity", "roc_auc",
+                                      "sens_at_spec85")},
+            "test_dev": test, "wall_seconds": sum(r["wall_seconds"] for r in rows),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
 def mean_sd(values: list[float]) -> str:
     a = np.asarray(values, float)
     return f"{a.mean():.3f} +- {a.std(ddof=1) if len(a) > 1 else 0.0:.3f}"
@@ -180,6 +227,25 @@ def report(results: list[dict], variants: list[str]) -> None:
                     for k in ("accuracy", "sensitivity", "specificity"))
                     + f" ({np.mean([x['threshold'] for x in m]):.3f})")
             print(f"  {name:<14} " + "   ".join(cells))
+    print("\nstability and test-time augmentation, mean over seeds: mean |change| of val AUC "
+          "between neighbouring epochs (from epoch 3); test_dev with TTA: acc / sens / spec / "
+          "AUC and predict time vs plain")
+    for name in variants:
+        rows = [r for r in results if r["variant"] == name and "val_auc_mean_jump" in r]
+        if not rows:
+            continue
+        line = f"  {name:<14} jump {np.mean([r['val_auc_mean_jump'] for r in rows]):.4f}"
+        tta = [r for r in rows if "test_dev_tta" in r]
+        if tta:
+            line += f"   TTA x{tta[0]['test_dev_tta']['views']}: " + " / ".join(
+                f"{np.mean([r['test_dev_tta'][k] for r in tta]):.3f}"
+                for k in ("accuracy", "sensitivity", "specificity", "roc_auc"))
+            line += (f" (plain " + " / ".join(
+                f"{np.mean([r['test_dev'][k] for r in tta]):.3f}"
+                for k in ("accuracy", "sensitivity", "specificity", "roc_auc"))
+                + f"); predict {np.mean([r['test_dev_tta']['predict_seconds'] for r in tta]):.1f}"
+                f" s vs {np.mean([r['test_dev']['predict_seconds'] for r in tta]):.1f} s")
+        print(line)
     print("targets on test_dev (mean of seeds): "
           + ", ".join(f"{k} >= {v}" for k, v in TARGETS.items()))
 
@@ -194,12 +260,25 @@ def main() -> None:
                         help="NAME=TRAIN OPTIONS[|PREDICT OPTIONS[|PREPARE OPTIONS]]")
     parser.add_argument("--report-only", action="store_true",
                         help="print the table of OUT/results.jsonl and exit")
+    parser.add_argument("--posthoc", action="store_true",
+                        help="add the analyses that need no training to finished runs, and exit")
+    parser.add_argument("--tta", type=int, default=5,
+                        help="views of the test-time augmentation measured on each run")
+    parser.add_argument("--ensemble", action="append", default=[],
+                        help="also score an ensemble of this variant's seeds")
     args = parser.parse_args()
     variants = [parse_variant(v) for v in (args.variant or ["default="])]
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "results.jsonl"
     results = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     names = [v["name"] for v in variants]
+    if args.posthoc or args.ensemble:
+        results = [posthoc(r, args) if r["seed"] > 0 else r for r in results]
+        for name in args.ensemble:
+            results = [r for r in results if r["variant"] != f"{name}-ensemble"]
+            results.append(ensemble_row(name, results, args))
+        log.write_text("".join(json.dumps(r) + "\n" for r in results))
+        args.report_only = True
     if not args.report_only:
         print(f"machine: {platform.node()}, {os.cpu_count()} cores, python "
               f"{platform.python_version()}", flush=True)
@@ -208,7 +287,7 @@ def main() -> None:
             for variant in variants:
                 if any(r["variant"] == variant["name"] and r["seed"] == seed for r in results):
                     continue
-                result = run_one(variant, seed, args)
+                result = posthoc(run_one(variant, seed, args), args)
                 results.append(result)
                 with open(log, "a") as fh:
                     fh.write(json.dumps(result) + "\n")
