@@ -182,6 +182,48 @@ def test_dicom_size_checked_from_header(tmp_path, write_dicom):
         read_radiograph(path)
 
 
+def test_dicom_with_a_tiff_header_in_its_preamble_is_read_as_dicom(tmp_path, dicom_ramp,
+                                                                    write_dicom):
+    """The standard lets the 128-byte preamble hold a TIFF header (pydicom's CT_small.dcm
+    does); the file is a DICOM all the same, not a truncated TIFF."""
+    plain = write_dicom(tmp_path / "plain.dcm", dicom_ramp)
+    data = bytearray(plain.read_bytes())
+    data[:8] = b"II*\x00\x08\x00\x00\x00"  # a little-endian TIFF header, IFD at byte 8
+    dual = tmp_path / "dual.dcm"
+    dual.write_bytes(bytes(data))
+    assert read_header(bytes(data)).kind == "dicom"
+    np.testing.assert_array_equal(read_radiograph(dual)[0], read_radiograph(plain)[0])
+
+
+def test_dicom_needing_a_missing_decoder_plugin_is_one_line_naming_it(tmp_path):
+    pytest.importorskip("pydicom")
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLSLossless
+
+    from conftest import dicom_dataset
+
+    ds = dicom_dataset()
+    ds.Modality = "CR"
+    ds.Rows = ds.Columns = 64
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    ds.PixelData = encapsulate([b"\x00" * 100])
+    ds["PixelData"].VR = "OB"
+    path = tmp_path / "jpegls.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    try:
+        import pylibjpeg  # noqa: F401
+        pytest.skip("a JPEG-LS decoder plugin is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ImageReadError) as info:
+        read_radiograph(path)
+    message = str(info.value)
+    assert "\n" not in message and "\t" not in message
+    assert "JPEG-LS" in message and "pylibjpeg" in message and "install one of" in message
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 def test_empty_file(tmp_path):

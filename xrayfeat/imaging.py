@@ -144,10 +144,12 @@ def read_header(data: bytes) -> ImageHeader:
         return _png_header(data)
     if data[:2] == b"BM":
         return _bmp_header(data)
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
-        return _tiff_header(data)
+    # DICOM first: its 128-byte preamble is free-form, and the standard lets it hold a TIFF
+    # header (dual-personality files), which must not make a valid DICOM a "truncated TIFF".
     if data[128:132] == b"DICM":
         return _dicom_header(data)
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return _tiff_header(data)
     raise ImageReadError("not an image (unknown format)")
 
 
@@ -206,6 +208,20 @@ def to_grayscale(array: np.ndarray) -> np.ndarray:
     raise ImageReadError(f"unsupported pixel layout {array.shape}")
 
 
+def _pixel_error(exc: Exception, ds) -> str:
+    """pydicom's decoding error as one line; a missing decoder plugin is named with what to
+    install (pydicom lists each plugin on a line of its own: ``\tNAME - requires ...``)."""
+    text = str(exc)
+    if "missing dependencies" in text:
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", "its compressed transfer syntax")
+        needs = [line.split("requires", 1)[1].strip() for line in text.splitlines()[1:]
+                 if "requires" in line]
+        return (f"'{name}' needs a pydicom decoder plugin that is not installed; install one "
+                f"of: {' | '.join(needs) or 'pylibjpeg, gdcm'}")
+    return " ".join(text.split())
+
+
 def _decode_dicom(data: bytes) -> np.ndarray:
     pydicom = _import_pydicom()
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -218,7 +234,7 @@ def _decode_dicom(data: bytes) -> np.ndarray:
     except ImageReadError:
         raise
     except Exception as exc:
-        raise ImageReadError(f"cannot decode DICOM pixels: {exc}") from None
+        raise ImageReadError(f"cannot decode DICOM pixels: {_pixel_error(exc, ds)}") from None
     if pixels.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1:
         pixels = pixels[0]  # multi-frame: the first frame
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
