@@ -108,6 +108,42 @@ def test_prepare_single_class(make_class_folder, tmp_path):
     assert "one class" in one_line_error(result)
 
 
+def test_prepare_one_image_per_class_says_what_validation_needs(make_class_folder, tmp_path):
+    src = make_class_folder("tiny", n_per_class=1, size=64)
+    result = runner.invoke(app, ["prepare", str(src), "--out", str(tmp_path / "data.h5"),
+                                 "--workers", "1"])
+    assert result.exit_code == 2
+    message = one_line_error(result)
+    assert "at least 2 patients of every class" in message and "NORMAL" in message
+    assert not (tmp_path / "data.h5").exists()
+
+
+@pytest.mark.parametrize("n", [2, 6])
+def test_small_folders_prepare_with_every_class_on_both_sides(make_class_folder, tmp_path, n):
+    import h5py
+
+    src = make_class_folder(f"small{n}", n_per_class=n, size=64)
+    out = tmp_path / "data.h5"
+    result = runner.invoke(app, ["prepare", str(src), "--out", str(out), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    with h5py.File(out) as h5:
+        split, labels = h5["split"].asstr()[:], h5["labels"][:]
+        patients = h5["patient"].asstr()[:]
+    for name in ("train", "val"):
+        assert set(labels[split == name]) == {0, 1}, name
+    assert not set(patients[split == "train"]) & set(patients[split == "val"])
+
+
+def test_the_kaggle_zips_nested_folder_gets_a_hint(make_class_folder, tmp_path):
+    outer = tmp_path / "chest_xray"
+    make_class_folder(str(outer / "chest_xray"), splits={"train": 2, "test": 1}, size=64)
+    (outer / "__MACOSX" / "chest_xray").mkdir(parents=True)
+    (outer / "__MACOSX" / "chest_xray" / "._IM-0001.jpeg").write_bytes(b"\x00\x05")
+    result = runner.invoke(app, ["prepare", str(outer), "--out", str(tmp_path / "data.h5")])
+    assert result.exit_code == 2
+    assert f"point at {outer / 'chest_xray'}" in one_line_error(result)
+
+
 def test_prepare_refuses_existing_output_unless_overwrite(tmp_path, class_folder):
     out = tmp_path / "data.h5"
     out.write_bytes(b"keep me")

@@ -177,8 +177,8 @@ def test_grouped_split_keeps_patients_whole():
 def test_grouped_split_rejects_bad_input():
     with pytest.raises(UsageError):
         grouped_split(np.zeros(10), [str(i) for i in range(10)], 1.5, seed=0)
-    with pytest.raises(DatasetError, match="too few patients"):
-        grouped_split(np.array([0, 1, 0, 1]), ["a", "a", "b", "b"], 0.1, seed=0)
+    with pytest.raises(UsageError, match="at least 2 patients of every class"):
+        grouped_split(np.array([0, 1, 1]), ["a", "b", "c"], 0.1, seed=0)
 
 
 def test_small_official_val_is_replaced_by_a_grouped_cut(examples_dir):

@@ -146,7 +146,7 @@ def find_labelled_files(
         raise UsageError(f"{src} does not exist")
     if not src.is_dir():
         raise UsageError(f"{src} is not a folder of class folders")
-    children = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    children = sorted(p for p in src.iterdir() if _is_data_dir(p))
     split_dirs = {p.name.lower(): p for p in children if p.name.lower() in SPLITS}
     roots: list[tuple[str | None, Path]]
     roots = [(s, p) for s, p in split_dirs.items()] if split_dirs else [(None, src)]
@@ -154,8 +154,7 @@ def find_labelled_files(
     files: list[LabelledFile] = []
     ignored = 0
     for split, root in roots:
-        for class_dir in sorted(p for p in root.iterdir() if p.is_dir()
-                                and not p.name.startswith(".")):
+        for class_dir in sorted(p for p in root.iterdir() if _is_data_dir(p)):
             key = class_dir.name.casefold()
             name = display.setdefault(key, class_dir.name)
             for path, considered in iter_image_files(class_dir):
@@ -168,14 +167,25 @@ def find_labelled_files(
         raise DatasetError(f"no images found in {src} (expected SRC/CLASS/*.jpeg folders)")
     classes = _class_order(sorted({f.class_name for f in files}))
     if len(classes) < 2:
+        inner = next((c for c in children if c.name == classes[0]), None)
+        if inner is not None and any(_is_data_dir(p) and p.name.lower() in SPLITS
+                                     for p in inner.iterdir()):
+            # The Kaggle zip unpacks to chest_xray/chest_xray/{train,val,test}/...
+            raise UsageError(f"{src} holds the dataset one folder down: point at {inner}")
         raise DatasetError(
             f"only one class ({classes[0]}) in {src}: a classifier needs at least two class folders"
         )
     return files, classes, ignored
 
 
+def _is_data_dir(path: Path) -> bool:
+    """A folder that may hold classes or images: not hidden, not a zip's ``__MACOSX``."""
+    return path.is_dir() and not path.name.startswith(".") and path.name != "__MACOSX"
+
+
 def grouped_split(
-    labels: np.ndarray, groups: Sequence[str], fraction: float, seed: int
+    labels: np.ndarray, groups: Sequence[str], fraction: float, seed: int,
+    class_names: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Boolean mask of a validation split: about ``fraction`` of the images, stratified by
     class, with every patient wholly inside or outside it (no leakage)."""
@@ -183,13 +193,24 @@ def grouped_split(
 
     if not 0 < fraction < 1:
         raise UsageError(f"--val-fraction must be between 0 and 1, got {fraction}")
-    n_splits = max(2, round(1 / fraction))
-    if len(set(groups)) < n_splits:
-        raise DatasetError(
-            f"too few patients ({len(set(groups))}) to cut a validation split of {fraction:g}"
-        )
+    labels = np.asarray(labels)
+    groups = np.asarray(groups)
+    patients = {int(c): len(set(groups[labels == c])) for c in np.unique(labels)}
+    fewest = min(patients.values())
+    if fewest < 2:
+        scarce = ", ".join(class_names[c] if class_names else f"class index {c}"
+                           for c, n in patients.items() if n < 2)
+        raise UsageError(f"a validation split needs at least 2 patients of every class (one "
+                         f"for validation, one for training); {scarce} has 1: add images or "
+                         "give a val/ folder")
+    # Small folders: fewer folds than 1 / fraction, so every class can appear in each fold
+    # (a larger validation share, rather than scikit-learn's error).
+    n_splits = min(max(2, round(1 / fraction)), fewest)
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    _, val_index = next(splitter.split(np.zeros(len(labels)), labels, groups))
+    classes = set(labels.tolist())
+    for train_index, val_index in splitter.split(np.zeros(len(labels)), labels, groups):
+        if set(labels[val_index]) == classes == set(labels[train_index]):
+            break  # the first fold holding every class on both sides
     mask = np.zeros(len(labels), bool)
     mask[val_index] = True
     return mask
@@ -212,7 +233,7 @@ def assign_splits(
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[files[i].class_name] for i in train_idx])
     groups = [files[i].patient for i in train_idx]
-    val_mask = grouped_split(labels, groups, val_fraction, seed)
+    val_mask = grouped_split(labels, groups, val_fraction, seed, class_names=classes)
     for i in train_idx[val_mask]:
         splits[i] = "val"
     return splits, True
