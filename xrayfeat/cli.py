@@ -166,8 +166,17 @@ def prepare(
     val_fraction: float = typer.Option(0.1, help="Validation share cut from train, by patient, "
                                        "when SRC has no val split of 50+ images."),
     seed: int = typer.Option(42, help="Seed of the validation split."),
-    labels: str = typer.Option("folders", help="Class names: 'folders' (folder names) or "
-                               "'kermany-subtype' (NORMAL/BACTERIA/VIRUS from file names)."),
+    labels: str = typer.Option("folders", help="Class names: 'folders' (folder names), "
+                               "'kermany-subtype' (NORMAL/BACTERIA/VIRUS from file names), or "
+                               "a labels CSV (columns path,label[,patient,split,view])."),
+    patient_regex: Optional[str] = typer.Option(None, help="Regular expression whose first "
+                                                "group in a file name is the patient id."),
+    any_modality: bool = typer.Option(False, help="Accept DICOM modalities other than "
+                                      "CR/DX/DR."),
+    views: Optional[str] = typer.Option(None, help="Keep only these views, e.g. PA,AP "
+                                        "(DICOM ViewPosition or the table's view)."),
+    allow_shared_patients: bool = typer.Option(False, help="Warn instead of refusing when a "
+                                               "patient is in two official splits."),
     overwrite: bool = typer.Option(False, help="Replace an existing output file."),
     strict: bool = typer.Option(False, help="Stop at the first unreadable file."),
     workers: Optional[int] = typer.Option(None, help="Decoding processes (default: all cores)."),
@@ -178,13 +187,16 @@ def prepare(
     """
     from xrayfeat.dataset import prepare_dataset
     from xrayfeat.preprocessing import PreprocessSettings
+    from xrayfeat.sources import parse_views
 
     with _progress() as progress:
         bar = _Bar(progress, "prepare")
         result = prepare_dataset(
             src, out, settings=PreprocessSettings(size=size, roi=roi), val_fraction=val_fraction,
-            seed=seed, label_mode=labels, overwrite=overwrite, strict=strict, workers=workers,
-            on_start=bar.start, on_progress=bar.advance,
+            seed=seed, label_mode=labels, patient_regex=patient_regex,
+            any_modality=any_modality, views=parse_views(views),
+            allow_shared_patients=allow_shared_patients, overwrite=overwrite, strict=strict,
+            workers=workers, on_start=bar.start, on_progress=bar.advance,
         )
     render_prepare(result)
 
@@ -208,11 +220,14 @@ def render_prepare(result) -> None:
     for name in result.classes:
         table.add_column(name, justify="right")
     table.add_column("total", justify="right")
+    table.add_column("patients", justify="right")
     for split, per_class in result.counts.items():
         note = " (cut from train by patient)" if split == "val" and result.val_cut_from_train else ""
         table.add_row(Text(split + note), *(str(per_class[c]) for c in result.classes),
-                      str(sum(per_class.values())))
+                      str(sum(per_class.values())), str(result.patients.get(split, "")))
     out_console.print(table)
+    for note in result.notes:
+        err_console.print(Text(note), highlight=False)
     _print_skipped(result.skipped)
     if result.ignored:
         err_console.print(f"{result.ignored} file(s) without an image extension were ignored")

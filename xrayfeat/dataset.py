@@ -13,8 +13,10 @@ HDF5 schema (also in the README):
     patient       (N,) str          patient/study id (file stem when unknown)
     roi           (N, 4) int32      crop box x0, y0, x1, y1 in source pixels
     source_shape  (N, 2) int32      height, width of the source file
+    study_uid, series_uid, modality, view, photometric, body_part
+                  (N,) str          DICOM identity fields, "" when unknown (format 2 on)
     attrs: classes (JSON list), size, roi (bool), roi_settings (JSON), xrayfeat_version,
-           label_mode
+           label_mode, format ("xrayfeat-dataset/2")
 """
 
 from __future__ import annotations
@@ -40,8 +42,13 @@ from xrayfeat.errors import (EXIT_FAILURES, DatasetError, ImageReadError, UsageE
                              XrayfeatError)
 from xrayfeat.imaging import looks_like_image_path
 from xrayfeat.preprocessing import PreprocessSettings, prepare_file
+from xrayfeat.sources import (META_COLUMNS, check_shared_patients, compile_patient_regex,
+                              dicom_identity, filter_files, read_labels_table)
 
 SPLITS = ("train", "val", "test")
+#: Version 2 added the DICOM identity columns (sources.META_COLUMNS); version 1 files,
+#: which lack them, are read the same way.
+DATASET_FORMAT = "xrayfeat-dataset/2"
 #: The official Kermany val split has 16 images; below this a validation split is cut from train.
 MIN_VAL_IMAGES = 50
 LABEL_MODES = ("folders", "kermany-subtype")
@@ -59,8 +66,13 @@ class LabelledFile:
 
     path: Path
     class_name: str
-    split: str | None  # from the folder layout; None when SRC has no split folders
+    split: str | None  # from the folder layout or table; None when there is none
     patient: str
+    # The patient is a real identity (DICOM PatientID, a labels table, --patient-regex),
+    # not a guess from a Kermany file name: only then is a patient in two official splits
+    # known to be a leak (Kermany numbers its children per split).
+    patient_known: bool = False
+    meta: dict = field(default_factory=dict, hash=False)  # sources.META_COLUMNS, "" unknown
 
 
 @dataclass
@@ -75,6 +87,8 @@ class PrepareResult:
     seconds: float
     val_cut_from_train: bool
     settings: dict = field(default_factory=dict)
+    patients: dict[str, int] = field(default_factory=dict)  # split -> distinct patients
+    notes: list[str] = field(default_factory=list)  # warnings for the user
 
 
 def patient_id(filename: str) -> str:
@@ -133,15 +147,62 @@ def _subtype(path: Path, class_name: str) -> str:
 
 
 def find_labelled_files(
-    src: Path, label_mode: str = "folders"
+    src: Path, label_mode: str = "folders", *, patient_regex: str | None = None
 ) -> tuple[list[LabelledFile], list[str], int]:
-    """Index ``src`` laid out as ``SRC/{train,val,test}/CLASS/*`` or ``SRC/CLASS/*``.
+    """Index ``src`` laid out as ``SRC/{train,val,test}/CLASS/*`` or ``SRC/CLASS/*``, or
+    the files a labels table names (``label_mode`` a ``.csv`` path; see xrayfeat.sources).
 
     Returns the files, the class names in label order, and the count of ignored files.
-    Class folder names match case-insensitively across splits.
+    Class folder names match case-insensitively across splits. The patient of each file
+    is, in order: the table's ``patient``, the DICOM PatientID, ``patient_regex``'s match
+    in the file name, the Kermany file-name convention, the file stem.
     """
+    regex = compile_patient_regex(patient_regex)
+    if label_mode.lower().endswith(".csv"):
+        files, ignored = _files_from_table(Path(label_mode), src), 0
+    else:
+        files, ignored = _files_from_folders(src, label_mode)
+    files = [_with_identity(f, regex) for f in files]
+    classes = _class_order(sorted({f.class_name for f in files}))
+    if len(classes) < 2:
+        children = sorted(p for p in src.iterdir() if _is_data_dir(p)) if src.is_dir() else []
+        inner = next((c for c in children if c.name == classes[0]), None)
+        if inner is not None and any(_is_data_dir(p) and p.name.lower() in SPLITS
+                                     for p in inner.iterdir()):
+            # The Kaggle zip unpacks to chest_xray/chest_xray/{train,val,test}/...
+            raise UsageError(f"{src} holds the dataset one folder down: point at {inner}")
+        raise DatasetError(
+            f"only one class ({classes[0]}) in {src}: a classifier needs at least two class folders"
+        )
+    return files, classes, ignored
+
+
+def _files_from_table(table: Path, src: Path) -> list[LabelledFile]:
+    rows = read_labels_table(table, src)
+    return [LabelledFile(r.path, r.label, r.split, r.patient or patient_id(r.path.name),
+                         patient_known=r.patient is not None,
+                         meta={"view": r.view} if r.view else {}) for r in rows]
+
+
+def _with_identity(f: LabelledFile, regex) -> LabelledFile:
+    """``f`` with its DICOM identity fields, and its patient from the best source."""
+    identity = dicom_identity(f.path)
+    meta = {column: "" for column in META_COLUMNS}
+    if identity is not None:
+        meta.update(identity[1])
+    meta.update({k: v for k, v in f.meta.items() if v})  # the table's view wins
+    patient, known = f.patient, f.patient_known
+    if not known and identity is not None and identity[0]:
+        patient, known = identity[0], True
+    elif not known and regex is not None and (match := regex.search(f.path.name)):
+        patient, known = (match.group(1) if match.groups() else match.group(0)), True
+    return LabelledFile(f.path, f.class_name, f.split, patient, known, meta)
+
+
+def _files_from_folders(src: Path, label_mode: str) -> tuple[list[LabelledFile], int]:
     if label_mode not in LABEL_MODES:
-        raise UsageError(f"unknown --labels {label_mode!r}; use one of {', '.join(LABEL_MODES)}")
+        raise UsageError(f"unknown --labels {label_mode!r}; use one of {', '.join(LABEL_MODES)}"
+                         " or a labels .csv")
     if not src.exists():
         raise UsageError(f"{src} does not exist")
     if not src.is_dir():
@@ -165,17 +226,7 @@ def find_labelled_files(
                 files.append(LabelledFile(path, label, split, patient_id(path.name)))
     if not files:
         raise DatasetError(f"no images found in {src} (expected SRC/CLASS/*.jpeg folders)")
-    classes = _class_order(sorted({f.class_name for f in files}))
-    if len(classes) < 2:
-        inner = next((c for c in children if c.name == classes[0]), None)
-        if inner is not None and any(_is_data_dir(p) and p.name.lower() in SPLITS
-                                     for p in inner.iterdir()):
-            # The Kaggle zip unpacks to chest_xray/chest_xray/{train,val,test}/...
-            raise UsageError(f"{src} holds the dataset one folder down: point at {inner}")
-        raise DatasetError(
-            f"only one class ({classes[0]}) in {src}: a classifier needs at least two class folders"
-        )
-    return files, classes, ignored
+    return files, ignored
 
 
 def _is_data_dir(path: Path) -> bool:
@@ -324,17 +375,25 @@ def prepare_dataset(
     val_fraction: float = 0.1,
     seed: int = 42,
     label_mode: str = "folders",
+    patient_regex: str | None = None,
+    any_modality: bool = False,
+    views: Sequence[str] | None = None,
+    allow_shared_patients: bool = False,
     overwrite: bool = False,
     strict: bool = False,
     workers: int | None = None,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> PrepareResult:
-    """Turn a labelled folder into an HDF5 dataset (schema in the module docstring).
+    """Turn a labelled folder (or a labels table: ``label_mode`` a ``.csv``) into an HDF5
+    dataset (schema in the module docstring).
 
-    Bad files are skipped and listed, or stop the run with ``strict``. ``out`` appears only
-    when complete; an existing ``out`` is refused unless ``overwrite``, and is replaced only
-    at the very end, so an interrupted run leaves it as it was.
+    Bad files are skipped and listed, or stop the run with ``strict``; so are DICOM files
+    of a modality other than CR/DX/DR (unless ``any_modality``) and, with ``views``, files
+    whose view is not one of them. A patient known by identity (DICOM, table, regex) in two
+    official splits is refused unless ``allow_shared_patients``. ``out`` appears only when
+    complete; an existing ``out`` is refused unless ``overwrite``, and is replaced only at
+    the very end, so an interrupted run leaves it as it was.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -344,13 +403,18 @@ def prepare_dataset(
         raise UsageError(f"{out} exists; pass --overwrite to replace it")
     if settings.size < 32:
         raise UsageError(f"--size must be at least 32, got {settings.size}")
-    files, classes, ignored = find_labelled_files(Path(src), label_mode)
+    files, classes, ignored = find_labelled_files(Path(src), label_mode,
+                                                  patient_regex=patient_regex)
+    files, refused = filter_files(files, any_modality, views)
+    if not files:
+        raise DatasetError(f"every file in {src} was refused: {refused[0][1]}")
+    notes = check_shared_patients(files, allow_shared_patients, MIN_VAL_IMAGES)
     splits, val_cut = assign_splits(files, classes, val_fraction, seed)
     label_of = {c: i for i, c in enumerate(classes)}
     if on_start:
         on_start(len(files))
     size = settings.size
-    skipped: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = list(refused)
     counts: dict[str, Counter] = {}
     text = h5py.string_dtype()
     remove_stale_temporaries(out.parent)  # half-written datasets of killed earlier runs
@@ -374,6 +438,7 @@ def prepare_dataset(
             "patient": column("patient", (), text),
             "roi": column("roi", (4,), np.int32),
             "source_shape": column("source_shape", (2,), np.int32),
+            **{name: column(name, (), text) for name in META_COLUMNS},
         }
         # Rows are buffered and written a block at a time: one h5py call per column per
         # block instead of seven per image keeps the writer off the decoders' cores.
@@ -406,7 +471,8 @@ def prepare_dataset(
             for name, value in (("images", prepared.image), ("labels", label_of[f.class_name]),
                                 ("split", splits[index]), ("path", str(f.path)),
                                 ("patient", f.patient), ("roi", prepared.roi.as_tuple()),
-                                ("source_shape", prepared.source_shape)):
+                                ("source_shape", prepared.source_shape),
+                                *((c, f.meta.get(c, "")) for c in META_COLUMNS)):
                 block[name].append(value)
             counts.setdefault(splits[index], Counter())[f.class_name] += 1
             if len(block["labels"]) == WRITE_BLOCK:
@@ -420,7 +486,10 @@ def prepare_dataset(
         h5.attrs["roi_settings"] = json.dumps(asdict(settings.roi_settings))
         h5.attrs["label_mode"] = label_mode
         h5.attrs["xrayfeat_version"] = __version__
-        h5.attrs["format"] = "xrayfeat-dataset/1"
+        h5.attrs["format"] = DATASET_FORMAT
+    unread = {path for path, _ in skipped}
+    patients = {split: len({f.patient for f, s in zip(files, splits)
+                            if s == split and str(f.path) not in unread}) for split in SPLITS}
     return PrepareResult(
         out=out,
         classes=classes,
@@ -431,12 +500,13 @@ def prepare_dataset(
         val_cut_from_train=val_cut,
         settings={"size": size, "roi": settings.roi, "val_fraction": val_fraction, "seed": seed,
                   "label_mode": label_mode},
+        patients={s: n for s, n in patients.items() if n},
+        notes=notes,
     )
 
 
 # --- reading a prepared dataset -------------------------------------------------------------
 
-DATASET_FORMAT = "xrayfeat-dataset/1"
 _REQUIRED = ("images", "labels", "split", "path", "patient")
 
 
