@@ -169,7 +169,7 @@ def describe_layers(model) -> list[LayerInfo]:
     """Every layer of ``model`` whose output is an image-like (batch, h, w, c) tensor."""
     from keras import layers
 
-    from xrayfeat.ensemble import member_of
+    from xrayfeat.model import member_of
 
     found, depths = [], {}  # conv layers so far, per ensemble member ("" outside ensembles)
     for layer in model.layers:
@@ -195,7 +195,7 @@ def conv_layers(model) -> list[LayerInfo]:
 def cam_layers(model) -> list[str]:
     """Where class-activation maps are taken: the last Conv2D layer, or for an ensemble
     (xrayfeat.ensemble) the last Conv2D layer of each member."""
-    from xrayfeat.ensemble import member_of
+    from xrayfeat.model import member_of
 
     last: dict[str, str] = {}
     for info in conv_layers(model):

@@ -1,8 +1,8 @@
 """Ensembles as runs: several trained runs averaged into one ordinary run directory.
 
-The ensemble's ``model.keras`` is one flat Keras graph: every member's layers, renamed
-``member{i}_{layer}``, read one shared input, and an ``Average`` layer (named
-``predictions``) averages their class probabilities. Being an ordinary functional model
+The ensemble's ``model.keras`` is one flat Keras graph (xrayfeat.model.build_ensemble):
+every member's layers, renamed ``member{i}_{layer}``, read one shared input, and an
+``Average`` layer (named ``predictions``) averages their class probabilities. Being an ordinary functional model
 with Keras' own layers, it loads with ``safe_mode`` and predict, evaluate, audit, probes
 and visualize-layers read it unchanged (Grad-CAM averages the members' maps). Its
 threshold is chosen again on the validation split all members share, with the members'
@@ -16,7 +16,6 @@ on what generalises and disagree on what each latched onto.
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,40 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from xrayfeat.errors import DatasetError, RunError, UsageError
-
-MEMBER_PREFIX = re.compile(r"^(member\d+)_")
-
-
-def member_of(layer_name: str) -> str:
-    """``member3`` for a layer of an ensemble's third member, ``""`` outside ensembles."""
-    match = MEMBER_PREFIX.match(layer_name)
-    return match.group(1) if match else ""
-
-
-def build_ensemble(models: list, name: str = "ensemble"):
-    """One flat model averaging ``models``' outputs (same input shape and classes)."""
-    import keras
-
-    shape = models[0].input_shape[1:]
-    if any(m.input_shape[1:] != shape or m.output_shape != models[0].output_shape
-           for m in models):
-        raise RunError("the members' models take different inputs or predict different "
-                       "classes; ensemble runs trained on the same prepared data")
-    image = keras.Input(shape, name="image")
-    outputs = []
-    for i, member in enumerate(models, start=1):
-        def renamed(layer, prefix=f"member{i}_"):
-            config = layer.get_config()
-            config["name"] = prefix + layer.name
-            return layer.__class__.from_config(config)
-
-        clone = keras.models.clone_model(member, input_tensors=image, clone_function=renamed)
-        clone.set_weights(member.get_weights())
-        outputs.append(clone.output)
-    averaged = keras.layers.Average(name="predictions", dtype="float32")(outputs)
-    return keras.Model(image, averaged, name=name)
-
+from xrayfeat.errors import DatasetError, UsageError
 
 @dataclass
 class EnsembleResult:
@@ -105,6 +71,7 @@ def ensemble_runs(
     from xrayfeat.config import THRESHOLD_METHODS
     from xrayfeat.dataset import load_split, open_dataset
     from xrayfeat.evaluation import choose_threshold, evaluate_predictions
+    from xrayfeat.model import build_ensemble
     from xrayfeat.runs import (CONFIG_FILE, MODEL_FILE, VALIDATION_FILE, load_run,
                                write_json)
     from xrayfeat.training import file_sha256, predict_local, val_auc

@@ -13,6 +13,7 @@ the same stored images, so resizing and scaling can never differ between train a
 from __future__ import annotations
 
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import keras
 from keras import layers
 
 from xrayfeat.config import COLOR_MODES
+from xrayfeat.errors import RunError
 
 #: Names of the convolutional layers, shallow to deep (width does not change them).
 CONV_LAYERS = ("block1_conv1", "block1_conv2", "block2_conv1", "block2_conv2")
@@ -124,6 +126,40 @@ def build_minivggnet(
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32",
                            name="predictions")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+#: Layers of an ensemble's i-th member are named ``member{i}_{layer}`` (build_ensemble).
+MEMBER_PREFIX = re.compile(r"^(member\d+)_")
+
+
+def member_of(layer_name: str) -> str:
+    """``member3`` for a layer of an ensemble's third member, ``""`` outside ensembles."""
+    match = MEMBER_PREFIX.match(layer_name)
+    return match.group(1) if match else ""
+
+
+def build_ensemble(models: list[keras.Model], name: str = "ensemble") -> keras.Model:
+    """One flat model averaging ``models``' outputs (same input shape and classes): every
+    member's layers, renamed ``member{i}_...``, on one shared input, then an ``Average``
+    layer named ``predictions``. Keras layers only, so it loads in safe mode."""
+    shape = models[0].input_shape[1:]
+    if any(m.input_shape[1:] != shape or m.output_shape != models[0].output_shape
+           for m in models):
+        raise RunError("the members' models take different inputs or predict different "
+                       "classes; ensemble runs trained on the same prepared data")
+    image = keras.Input(shape, name="image")
+    outputs = []
+    for i, member in enumerate(models, start=1):
+        def renamed(layer, prefix=f"member{i}_"):
+            config = layer.get_config()
+            config["name"] = prefix + layer.name
+            return layer.__class__.from_config(config)
+
+        clone = keras.models.clone_model(member, input_tensors=image, clone_function=renamed)
+        clone.set_weights(member.get_weights())
+        outputs.append(clone.output)
+    averaged = keras.layers.Average(name="predictions", dtype="float32")(outputs)
+    return keras.Model(image, averaged, name=name)
 
 
 def training_view(model: keras.Model) -> keras.Model:
