@@ -350,3 +350,47 @@ def test_debug_traceback_in_a_real_process(bad):
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
     assert [line for line in plain.stderr.splitlines() if line.strip()] == [
         f"error: {bad['missing']} does not exist"]
+
+
+# --------------------------------------------------------------------------- damaged weights
+
+@pytest.fixture(scope="module")
+def nan_run(tmp_path_factory, trained_run) -> Path:
+    """The trained run with a NaN in its last layer's bias: every probability is NaN."""
+    from xrayfeat.runs import load_run
+
+    run = tmp_path_factory.mktemp("nan") / "run"
+    shutil.copytree(trained_run, run)
+    model = load_run(run).load_model()
+    kernel, bias = model.get_layer("predictions").get_weights()
+    model.get_layer("predictions").set_weights([kernel, np.full_like(bias, np.nan)])
+    model.save(run / "model.keras")
+    return run
+
+
+def test_a_model_that_outputs_nan_gives_error_rows_not_normal(nan_run, examples_dir, tmp_path):
+    out = tmp_path / "p.csv"
+    result = runner.invoke(app, ["predict", str(nan_run), str(examples_dir / "val"), "--out",
+                                 str(out), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and all(r["label"] == "" and "not a number" in r["error"] for r in rows)
+    assert "NORMAL: 0" in result.stderr
+    strict = runner.invoke(app, ["predict", str(nan_run), str(examples_dir / "val"), "--out",
+                                 str(tmp_path / "s.csv"), "--workers", "1", "--strict"])
+    assert strict.exit_code == 1
+
+
+def test_evaluating_a_model_that_outputs_nan_is_one_line(nan_run, examples_h5):
+    result = runner.invoke(app, ["evaluate", str(nan_run), str(examples_h5)])
+    assert result.exit_code == 2
+    assert "NaN or infinite" in one_error_line(result)
+
+
+def test_visualizing_a_model_that_outputs_nan_is_one_line(nan_run, examples_dir, tmp_path):
+    image = next((examples_dir / "val").rglob("*.jpeg"))
+    result = runner.invoke(app, ["visualize-layers", str(nan_run), str(image), "--out",
+                                 str(tmp_path / "v")])
+    assert result.exit_code == 2
+    assert "not a number" in one_error_line(result)

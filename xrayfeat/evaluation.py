@@ -681,6 +681,13 @@ def evaluate_runs(
                                                                      notices, tta)
     if len(labels) == 0:
         raise DatasetError(f"no readable images to evaluate in {data}")
+    for run, p in zip(runs, probs):
+        if not np.isfinite(p).all():
+            from xrayfeat.errors import RunError
+
+            raise RunError(f"run {run.path}'s model gives no number (NaN or infinite) for "
+                           f"{int((~np.isfinite(p).all(axis=1)).sum())} image(s): its weights "
+                           "are damaged; retrain it")
     taken: set[str] = set()
     names = [_run_label(r.path, taken) for r in runs]
     reports = {}

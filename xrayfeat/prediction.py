@@ -27,7 +27,7 @@ import numpy as np
 
 from xrayfeat.atomic import atomic_output, remove_stale_temporaries
 from xrayfeat.dataset import iter_image_files, map_prepare
-from xrayfeat.errors import UsageError
+from xrayfeat.errors import RunError, UsageError
 from xrayfeat.imaging import looks_like_image_path
 from xrayfeat.runs import Run, load_run
 
@@ -115,8 +115,12 @@ def decide(probs: np.ndarray, classes: Sequence[str], threshold: float | None):
     """Predicted label indices and the reported probability for each row.
 
     Binary runs compare the positive-class probability with the threshold; N > 2 take the
-    argmax and report the probability of the predicted class.
+    argmax and report the probability of the predicted class. A probability that is not a
+    number is a :class:`RunError` (``nan >= threshold`` is False: it would read as the
+    negative class); ``predict_files`` turns such images into error rows first.
     """
+    if not np.isfinite(probs).all():
+        raise RunError(NOT_A_NUMBER)
     if len(classes) == 2:
         positive = probs[:, 1]
         return (positive >= threshold).astype(int), positive
@@ -240,6 +244,10 @@ class _Writer:
         return False
 
 
+#: The error row of an image the model scored as NaN or infinity (damaged weights).
+NOT_A_NUMBER = "the model's output is not a number (NaN or infinite): its weights are damaged"
+
+
 def predict_files(
     run: Run | str | os.PathLike,
     paths: Sequence[Path],
@@ -279,6 +287,13 @@ def predict_files(
         if ok:
             x = np.stack([prep.image for _, _, prep in ok])[..., None].astype(np.float32)
             probs = predict_batch(model, x, tta)
+            finite = np.isfinite(probs).all(axis=1)
+            if not finite.all():  # NaN >= threshold is False: it would read as NORMAL
+                bad = {ok[j][0] for j in np.flatnonzero(~finite)}
+                batch = [(i, p, prep, NOT_A_NUMBER if i in bad else err)
+                         for i, p, prep, err in batch]
+                ok = [item for item, keep in zip(ok, finite) if keep]
+                probs, x = probs[finite], x[finite]
         labels, reported = decide(probs, classes, threshold) if ok else ([], [])
         if ok and stems is not None:
             # Explain the label predict reports (the threshold decides, not the argmax).
