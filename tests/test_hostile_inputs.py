@@ -394,3 +394,43 @@ def test_visualizing_a_model_that_outputs_nan_is_one_line(nan_run, examples_dir,
                                  str(tmp_path / "v")])
     assert result.exit_code == 2
     assert "not a number" in one_error_line(result)
+
+
+# --------------------------------------------------------------------------- CSV safety
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_defused_and_read_back():
+    from xrayfeat.csvout import csv_text, read_cell
+
+    hostile = ["=HYPERLINK(\"http://x\")", "+1", "-2+3.jpeg", "@SUM(A1)", "'quoted",
+               "a\rb.jpeg", "plain.jpeg"]
+    text = csv_text([{"path": h, "p": -0.25} for h in hostile], ["path", "p"])
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [read_cell(r["path"]) for r in rows] == hostile  # exact round trip, \r included
+    for row in rows:
+        assert not row["path"].startswith(("=", "+", "-", "@"))
+    assert all(r["p"] == "-0.25" for r in rows)  # numbers stay numbers
+
+
+def test_predict_csv_defuses_formulas_and_skip_done_reads_its_own_output(trained_run,
+                                                                          tmp_path,
+                                                                          monkeypatch):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = ["=cmd.jpeg", "-2+3.jpeg", "@x.jpeg", "car\rriage.jpeg", "ok.jpeg"]
+    for k, name in enumerate(names):
+        cv2.imwrite(str(folder / name), make_synthetic_xray(96, seed=k))
+    monkeypatch.chdir(folder)  # relative paths: the path cells begin with the names
+    out = tmp_path / "p.csv"
+    args = ["predict", str(trained_run), "--out", str(out), "--workers", "1", "--skip-done",
+            "--", *names]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    with open(out, newline="", encoding="utf-8") as fh:  # keep the \r inside a name
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["path"] for r in rows) == sorted(("'" + n if n[0] in "=-@" else n)
+                                                     for n in names)
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert "5 file(s) already in" in again.stderr
+    with open(out, newline="", encoding="utf-8") as fh:
+        assert len(list(csv.DictReader(fh))) == 5

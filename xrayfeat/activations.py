@@ -30,10 +30,8 @@ Definitions used throughout:
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import html
-import io
 import json
 import os
 import re
@@ -49,6 +47,7 @@ from urllib.parse import quote
 import numpy as np
 
 from xrayfeat.atomic import atomic_output, prepare_out_dir
+from xrayfeat.csvout import csv_text
 from xrayfeat.errors import DatasetError, ImageReadError, RunError, UsageError, XrayfeatError
 
 CAM_METHODS = ("gradcam", "gradcam++", "scorecam")
@@ -931,14 +930,9 @@ def class_contrast(
                 cmap=cmap))
 
     table = out / "contrast_channels.csv"
-    buffer = io.StringIO()
     names = list(ChannelEffect.__dataclass_fields__)
-    writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (round(v, 6) if isinstance(v, float) else v)
-                         for k, v in row.__dict__.items()})
-    _write_text(table, buffer.getvalue())
+    _write_text(table, csv_text(({k: (round(v, 6) if isinstance(v, float) else v)
+                                  for k, v in row.__dict__.items()} for row in rows), names))
     top_rows = [r for r in rows if r.rank <= top_k]
     summary = out / "contrast.json"
     _write_text(summary, json.dumps({

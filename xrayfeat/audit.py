@@ -246,19 +246,13 @@ def audit_run(
 
 
 def _write_audit(out: Path, result: AuditResult) -> list[str]:
-    import csv
-    import io
-
+    from xrayfeat.csvout import csv_text
     from xrayfeat.figures import plot_audit
     from xrayfeat.runs import write_json
 
     write_json(out / "audit.json", result.to_dict())
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(result.rows[0].to_dict()),
-                            lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(r.to_dict() for r in result.rows)
     with atomic_output(out / "audit.csv") as tmp:
-        tmp.write_text(buffer.getvalue())
+        tmp.write_text(csv_text([r.to_dict() for r in result.rows],
+                                list(result.rows[0].to_dict())))
     plot_audit(result.rows, result.classes, result.score, out / "audit.png")
     return [str(out / name) for name in ("audit.json", "audit.csv", "audit.png")]

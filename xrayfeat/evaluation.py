@@ -705,12 +705,11 @@ def evaluate_runs(
 
 def _write_report(out: Path, names, runs, reports, labels, paths, probs, left_out) -> list[str]:
     """metrics.json, predictions.csv and the figures, each written atomically."""
-    import csv
-    import io
     import json
 
     from xrayfeat import figures
     from xrayfeat.atomic import atomic_output
+    from xrayfeat.csvout import csv_text
 
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -720,13 +719,11 @@ def _write_report(out: Path, names, runs, reports, labels, paths, probs, left_ou
     with atomic_output(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=2, default=float) + "\n")
     written.append(out / "metrics.json")
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    table: list[list] = []
     header = ["path", "true_label"]
     for name in names:
         prefix = "" if single else f"{name}:"
         header += [f"{prefix}probability", f"{prefix}predicted_label"]
-    writer.writerow(header)
     predicted = []
     for name, run, prob in zip(names, runs, probs):
         thr = reports[name].get("threshold")
@@ -738,12 +735,12 @@ def _write_report(out: Path, names, runs, reports, labels, paths, probs, left_ou
         row = [path, classes[labels[i]]]
         for prob, pred in zip(probs, predicted):
             p = prob[i, 1] if len(classes) == 2 else prob[i, pred[i]]
-            row += [f"{p:.6f}", classes[pred[i]]]
-        writer.writerow(row)
+            row += [round(float(p), 6), classes[pred[i]]]
+        table.append(row)
     for path, reason in left_out:
-        writer.writerow([path, "", "", f"left out: {reason}"] + [""] * (len(header) - 4))
+        table.append([path, "", "", f"left out: {reason}"] + [""] * (len(header) - 4))
     with atomic_output(out / "predictions.csv") as tmp:
-        tmp.write_text(buffer.getvalue())
+        tmp.write_text(csv_text(table, header))
     written.append(out / "predictions.csv")
     if len(classes) == 2:
         curves = [(name, labels, prob[:, 1], reports[name]["threshold"])

@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TextIO
 import numpy as np
 
 from xrayfeat.atomic import atomic_output, remove_stale_temporaries
+from xrayfeat.csvout import csv_text, read_cell
 from xrayfeat.dataset import iter_image_files, map_prepare
 from xrayfeat.errors import RunError, UsageError
 from xrayfeat.imaging import looks_like_image_path
@@ -142,18 +143,13 @@ def _read_done(out: Path, fmt: str) -> set[str]:
     text = data.decode("utf-8", "surrogateescape")
     if fmt == "jsonl":
         return {json.loads(line)["path"] for line in text.splitlines() if line.strip()}
-    return {row["path"] for row in csv.DictReader(io.StringIO(text))}
+    return {read_cell(row["path"]) for row in csv.DictReader(io.StringIO(text))}
 
 
 def _format_rows(rows: list[dict], names: list[str], fmt: str, header: bool) -> str:
     if fmt == "jsonl":
         return "".join(json.dumps(r) + "\n" for r in rows)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
-    if header:
-        writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
+    return csv_text(rows, names, header=header)
 
 
 class _StreamWriter:

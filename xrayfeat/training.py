@@ -15,9 +15,7 @@ Design choices (measured, see BENCHMARKS.md):
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import math
 import os
@@ -36,6 +34,7 @@ import numpy as np
 
 from xrayfeat import __version__
 from xrayfeat.atomic import atomic_output, remove_stale_temporaries, temporary_sibling
+from xrayfeat.csvout import csv_text
 from xrayfeat.config import TrainConfig
 from xrayfeat.dataset import DatasetInfo, load_split, open_dataset, prepare_dataset, split_indices
 from xrayfeat.errors import DatasetError, RunError, UsageError
@@ -498,12 +497,8 @@ def resume_state(out: Path) -> dict:
 
 
 def _write_history(path: Path, rows: list[dict[str, float]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
     with atomic_output(path) as tmp:
-        tmp.write_text(buffer.getvalue())
+        tmp.write_text(csv_text(rows, list(rows[0])))
 
 
 # --- strategy --------------------------------------------------------------------------------
