@@ -434,3 +434,23 @@ def test_predict_csv_defuses_formulas_and_skip_done_reads_its_own_output(trained
     assert "5 file(s) already in" in again.stderr
     with open(out, newline="", encoding="utf-8") as fh:
         assert len(list(csv.DictReader(fh))) == 5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--workers", "-1"], "--workers must be at least 1"),
+])
+def test_predict_option_ranges_are_one_line(trained_run, examples_dir, tmp_path, args, message):
+    out = tmp_path / "p.csv"
+    result = runner.invoke(app, ["predict", str(trained_run), str(examples_dir / "val"),
+                                 "--out", str(out), *args])
+    assert result.exit_code == 2
+    assert message in one_error_line(result)
+    assert not out.exists()
+
+
+def test_prepare_refuses_a_stored_size_no_run_accepts(tmp_path, examples_dir):
+    result = runner.invoke(app, ["prepare", str(examples_dir), "--out", str(tmp_path / "d.h5"),
+                                 "--size", "5000"])
+    assert result.exit_code == 2
+    assert "--size must be between 32 and 4096" in one_error_line(result)

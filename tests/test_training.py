@@ -145,6 +145,71 @@ def test_bad_values_are_usage_errors(override):
         load_train_config(None, override)
 
 
+@pytest.mark.parametrize("toml, message", [
+    ("train = 5", "must be a table"),
+    ("[train]\nseed = -1", "seed"),
+    ("[train]\nseed = 4294967296", "seed"),
+    ("[train]\nwidth = inf", "finite number"),
+    ("[train]\nwidth = nan", "finite number"),
+    ("[train]\nlr = inf", "finite number"),
+    ("[train]\ntensorboard = 5", "must be text"),
+    ("[train]\nepochs = 1.9", "whole number"),
+    ("[train]\nepochs = true", "whole number"),
+    ("[train]\nepochs = \"1\"", "whole number"),
+    ("epoch = 3\n[train]\nepochs = 2", "unknown top-level setting(s)"),
+    ("[train]\nlabel_smoothing = 5", "label_smoothing"),
+    ("[train]\nzoom = -3", "zoom"),
+    ("[train]\nshift = 50", "shift"),
+    ("[train]\nweight_decay = -5", "weight_decay"),
+    ("[train]\nlr_factor = 7", "lr_factor"),
+    ("[train]\ninput_size = 5000", "input_size"),
+])
+def test_hostile_toml_values_are_one_line_usage_errors(tmp_path, toml, message):
+    path = tmp_path / "train.toml"
+    path.write_text(toml + "\n")
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_train_config(path, {})
+
+
+def test_resume_ignores_a_tensorboard_folder_saved_in_the_run(examples_h5, tmp_path):
+    run = tmp_path / "run"
+    train(examples_h5, run, _tiny_config(epochs=1))
+    config = json.loads((run / "config.json").read_text())
+    elsewhere = tmp_path / "elsewhere"
+    config["train"]["tensorboard"] = str(elsewhere)
+    (run / "config.json").write_text(json.dumps(config))
+    train(examples_h5, run, _tiny_config(epochs=2), resume=True)
+    assert not elsewhere.exists()
+
+
+@pytest.mark.parametrize("damage", ["no_history", "no_train"])
+def test_resume_of_a_damaged_run_is_a_one_line_error(examples_h5, tmp_path, damage):
+    import zipfile
+
+    from xrayfeat.errors import RunError
+    from xrayfeat.training import STATE_MEMBER
+
+    run = tmp_path / "run"
+    train(examples_h5, run, _tiny_config(epochs=1))
+    if damage == "no_history":
+        with zipfile.ZipFile(run / "last.keras") as archive:
+            state = json.loads(archive.read(STATE_MEMBER))
+        del state["history"]
+        rebuilt = tmp_path / "rebuilt.keras"
+        with zipfile.ZipFile(run / "last.keras") as src, zipfile.ZipFile(rebuilt, "w") as dst:
+            for item in src.infolist():
+                data = json.dumps(state).encode() if item.filename == STATE_MEMBER \
+                    else src.read(item.filename)
+                dst.writestr(item, data)
+        rebuilt.replace(run / "last.keras")
+    else:
+        config = json.loads((run / "config.json").read_text())
+        del config["train"]
+        (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunError, match="damaged"):
+        train(examples_h5, run, _tiny_config(epochs=2), resume=True)
+
+
 # --------------------------------------------------------------------------- pipeline pieces
 
 

@@ -7,8 +7,9 @@ never silently trains with a default. Command-line options override the file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,58 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+#: Inclusive range of every numeric setting. A value outside cannot train sensibly (or
+#: at all): refused up front rather than after an epoch, or as an internal error.
+RANGES: dict[str, tuple[float, float]] = {
+    "input_size": (32, 4096), "width": (1e-3, 16.0), "epochs": (1, 100_000),
+    "batch_size": (1, 4096), "lr": (1e-8, 10.0), "weight_decay": (0.0, 1.0),
+    "label_smoothing": (0.0, 0.99), "seed": (0, 2**32 - 1),
+    "early_stopping_patience": (1, 100_000), "lr_patience": (1, 100_000),
+    "lr_factor": (1e-3, 0.999), "min_lr": (0.0, 10.0), "rotation_deg": (0.0, 180.0),
+    "shift": (0.0, 0.5), "zoom": (0.0, 0.9), "brightness": (0.0, 1.0), "contrast": (0.0, 1.0),
+    "blur": (0.0, 1.0), "gamma": (0.0, 2.0), "frame": (0.0, 0.45),
+    "ema_momentum": (1e-3, 0.99999), "threshold_sensitivity": (1e-3, 1.0),
+    "memory_budget_mb": (0, 2**40),
+}
+
+
+def checked_settings(values: dict[str, Any], source: str) -> TrainConfig:
+    """A :class:`TrainConfig` from ``values``, every key known, every value of its field's
+    type (an int is not a float's 1.9, nor ``true``, nor ``"1"``) and in its range;
+    anything else is a one-line :class:`UsageError` naming ``source``."""
+    config = TrainConfig()
+    defaults = config.to_dict()
+    unknown = sorted(set(values) - set(defaults))
+    if unknown:
+        raise UsageError(f"unknown setting(s) in {source}: {', '.join(unknown)}; "
+                         f"valid: {', '.join(sorted(defaults))}")
+    for key, value in values.items():
+        default = defaults[key]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+            kind = "true or false"
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            kind = "a whole number"
+        elif isinstance(default, float):
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and math.isfinite(value))
+            kind = "a finite number"
+            value = float(value) if ok else value
+        else:  # text settings; tensorboard may be unset
+            ok = isinstance(value, str) or (value is None and default is None)
+            kind = "text"
+        if not ok:
+            raise UsageError(f"setting {key} in {source} must be {kind}, got {value!r}")
+        if key in RANGES and not RANGES[key][0] <= value <= RANGES[key][1]:
+            low, high = RANGES[key]
+            raise UsageError(f"setting {key} in {source} must be between {low:g} and "
+                             f"{high:g}, got {value!r}")
+        setattr(config, key, value)
+    config.validate()
+    return config
+
+
 def load_train_config(toml_path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
     """Defaults, then the TOML file, then the command-line overrides (``None`` = not given)."""
     values: dict[str, Any] = {}
@@ -138,26 +191,14 @@ def load_train_config(toml_path: Path | None, overrides: dict[str, Any]) -> Trai
             raise UsageError(f"cannot read config {toml_path}: {exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise UsageError(f"{toml_path} is not valid TOML: {exc}") from None
-        values = dict(values.get("train", values))  # allow a [train] table or top-level keys
-    known = {f.name: f for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise UsageError(
-            f"unknown setting(s) in {toml_path}: {', '.join(unknown)}; "
-            f"valid: {', '.join(sorted(known))}"
-        )
+        if "train" in values:  # a [train] table, and nothing beside it
+            others = sorted(set(values) - {"train"})
+            if others:
+                raise UsageError(f"unknown top-level setting(s) in {toml_path}: "
+                                 f"{', '.join(others)}; put settings inside [train]")
+            if not isinstance(values["train"], dict):
+                raise UsageError(f"'train' in {toml_path} must be a table ([train]), got "
+                                 f"{values['train']!r}")
+            values = dict(values["train"])
     values.update({k: v for k, v in overrides.items() if v is not None})
-    config = TrainConfig()
-    defaults = config.to_dict()
-    for key, value in values.items():
-        default = defaults[key]
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise UsageError(f"setting {key} must be true or false, got {value!r}")
-        if isinstance(default, (int, float)) and not isinstance(default, bool):
-            try:
-                value = type(default)(value)
-            except (TypeError, ValueError):
-                raise UsageError(f"setting {key} must be a number, got {value!r}") from None
-        setattr(config, key, value)
-    config.validate()
-    return config
+    return checked_settings(values, str(toml_path) if toml_path else "the command line")

@@ -46,6 +46,8 @@ from xrayfeat.sources import (META_COLUMNS, check_shared_patients, compile_patie
                               dicom_identity, filter_files, read_labels_table)
 
 SPLITS = ("train", "val", "test")
+#: The largest stored side a run accepts (runs.py checks the same bound).
+MAX_STORED_SIZE = 4096
 #: Version 2 added the DICOM identity columns (sources.META_COLUMNS); version 1 files,
 #: which lack them, are read the same way.
 DATASET_FORMAT = "xrayfeat-dataset/2"
@@ -327,6 +329,8 @@ def map_prepare(
     with the number of files. Workers are spawned (not forked) so this is safe to call
     after TensorFlow has started its threads.
     """
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}")
     workers = workers or os.cpu_count() or 1
     tasks = ((i, str(p), settings) for i, p in enumerate(paths))
     if workers == 1:
@@ -401,8 +405,8 @@ def prepare_dataset(
         raise UsageError(f"{out} is a folder; give a file name such as data/kermany.h5")
     if out.exists() and not overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace it")
-    if settings.size < 32:
-        raise UsageError(f"--size must be at least 32, got {settings.size}")
+    if not 32 <= settings.size <= MAX_STORED_SIZE:
+        raise UsageError(f"--size must be between 32 and {MAX_STORED_SIZE}, got {settings.size}")
     files, classes, ignored = find_labelled_files(Path(src), label_mode,
                                                   patient_regex=patient_regex)
     files, refused = filter_files(files, any_modality, views)

@@ -353,6 +353,8 @@ def predict(
     fmt = output_format(out, fmt)
     if threshold is not None and not 0 <= threshold <= 1:
         raise UsageError(f"--threshold must be between 0 and 1, got {threshold}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if skip_done and out is None:
         raise UsageError("--skip-done needs --out (the output it resumes)")
     if skip_done and fmt == "json":

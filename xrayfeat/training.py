@@ -35,7 +35,7 @@ import numpy as np
 from xrayfeat import __version__
 from xrayfeat.atomic import atomic_output, remove_stale_temporaries, temporary_sibling
 from xrayfeat.csvout import csv_text
-from xrayfeat.config import TrainConfig
+from xrayfeat.config import TrainConfig, checked_settings
 from xrayfeat.dataset import DatasetInfo, load_split, open_dataset, prepare_dataset, split_indices
 from xrayfeat.errors import DatasetError, RunError, UsageError
 from xrayfeat.runs import (CONFIG_FILE, CURVES_FILE, HISTORY_FILE, LAST_FILE, MODEL_FILE,
@@ -489,11 +489,18 @@ def resume_state(out: Path) -> dict:
     """The state that belongs to ``out/last.keras`` (``state.json`` for older runs)."""
     try:
         with zipfile.ZipFile(out / LAST_FILE) as archive:
-            return json.loads(archive.read(STATE_MEMBER))
+            state = json.loads(archive.read(STATE_MEMBER))
     except KeyError:  # a run from before the state was embedded
-        return read_json(out / STATE_FILE)
+        state = read_json(out / STATE_FILE)
     except (OSError, zipfile.BadZipFile, ValueError) as exc:
         raise RunError(f"cannot resume {out}: {out / LAST_FILE} is damaged ({exc})") from None
+    numbers = ("epoch", "best_epoch", "wait", "lr_wait")
+    if (not isinstance(state, dict) or not isinstance(state.get("history"), list)
+            or not all(isinstance(state.get(k), int) and state[k] >= 0 for k in numbers)
+            or not isinstance(state.get("best_val_auc"), (int, float))):
+        raise RunError(f"cannot resume {out}: its training state is damaged (epoch, history "
+                       "or counters missing); start a new run")
+    return state
 
 
 def _write_history(path: Path, rows: list[dict[str, float]]) -> None:
@@ -615,13 +622,11 @@ def _train(data: Path, out: Path, config: TrainConfig, *, resume: bool, overwrit
     started = time.perf_counter()
     if resume:
         _check_out(out, resume=True, overwrite=False)
-        saved = read_json(out / CONFIG_FILE)
-        saved["train"].setdefault("precision", "float32")  # runs from before the setting
-        config = TrainConfig(**{**saved["train"], "epochs": max(config.epochs,
-                                                                saved["train"]["epochs"])})
-        config.validate()
+        config = _resumed_config(out, config)
+        _require_tensorboard(config)
         return _train_in(data, out, config, resume=True, reporter=reporter, started=started)
     config.validate()
+    _require_tensorboard(config)
     if data.is_file():
         open_dataset(data)  # a file that is not a dataset is refused before --out is touched
     created = not out.exists()
@@ -756,6 +761,32 @@ def _bn_sample(info: DatasetInfo, config: TrainConfig) -> np.ndarray:
     order = np.random.default_rng([config.seed, 7]).permutation(n)[:BN_SAMPLE_IMAGES]
     return np.concatenate([images for images, _ in iter_split(
         info.path, "train", BN_SAMPLE_IMAGES, order=np.sort(order))])[..., None]
+
+
+def _resumed_config(out: Path, given: TrainConfig) -> TrainConfig:
+    """The settings a run was started with, checked like a TOML file (a run directory is
+    data: it may have been edited). Where TensorBoard logs go is the command line's choice
+    alone, never the file's (a crafted run could point it outside itself); ``--epochs`` may
+    extend the run."""
+    saved = read_json(out / CONFIG_FILE)
+    settings = saved.get("train") if isinstance(saved, dict) else None
+    if not isinstance(settings, dict):
+        raise RunError(f"{out / CONFIG_FILE} is damaged (no train settings); cannot resume")
+    settings = {**settings, "tensorboard": given.tensorboard}
+    settings.setdefault("precision", "float32")  # runs from before the setting
+    config = checked_settings(settings, str(out / CONFIG_FILE))
+    config.epochs = max(config.epochs, given.epochs)
+    return config
+
+
+def _require_tensorboard(config: TrainConfig) -> None:
+    """``--tensorboard`` needs the tensorboard package: say so before the first epoch."""
+    if config.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise UsageError("--tensorboard needs the tensorboard package: "
+                             "pip install tensorboard") from None
 
 
 def _final_path(path: Path, out: Path, final: Path) -> Path:
