@@ -369,3 +369,60 @@ def test_full_disk_prepare_in_a_real_process_exits_2(tmp_path, examples_dir):
         assert lines == [f"error: cannot write {disk / 'data.h5'}: No space left on device "
                          "(free some space or write to another disk)"]
         assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+
+
+# --------------------------------------------------------------------------- output locks
+
+HOLD_LOCK = """
+import sys, time
+from xrayfeat.atomic import output_lock
+with output_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.fixture
+def lock_holder():
+    """Start a real process that holds the output lock on a path until killed."""
+    procs = []
+
+    def hold(path: Path) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path)],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "locked"
+        procs.append(proc)
+        return proc
+
+    yield hold
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_second_writer_of_the_same_output_is_refused(lock_holder, trained_run, examples_h5,
+                                                       examples_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from xrayfeat.cli import app
+
+    runner = CliRunner()
+    run = tmp_path / "run"
+    holder = lock_holder(run)
+    result = runner.invoke(app, ["train", str(examples_h5), "--out", str(run), "--epochs", "1"])
+    assert result.exit_code == 2
+    assert "being written by another xrayfeat command" in result.output
+    assert not run.exists()
+    preds = tmp_path / "p.csv"
+    lock_holder(preds)
+    result = runner.invoke(app, ["predict", str(trained_run), str(examples_dir / "val"),
+                                 "--out", str(preds), "--skip-done", "--workers", "1"])
+    assert result.exit_code == 2 and not preds.exists()
+    # A killed holder releases its lock: the kernel drops it with the process.
+    holder.kill()
+    holder.wait()
+    result = runner.invoke(app, ["train", str(examples_h5), "--out", str(run), "--epochs", "1",
+                                 "--input-size", "32", "--width", "0.25"])
+    assert result.exit_code == 0, result.output
+    assert (run / "model.keras").is_file()
+    assert not (tmp_path / ".run.lock").exists()  # the lock file goes with the lock

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import inspect
 import os
 import re
 import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from xrayfeat.errors import UsageError
 
@@ -31,6 +33,66 @@ def temporary_sibling(final: Path, suffix: str = "") -> Path:
     # mkstemp makes 0600 files; outputs should get the usual permissions (umask applies).
     os.chmod(name, 0o666 & ~current_umask())
     return Path(name)
+
+
+@contextlib.contextmanager
+def output_lock(final: str | os.PathLike) -> Iterator[None]:
+    """Hold an advisory lock on the output ``final`` while a command writes it.
+
+    Two commands writing one output at once (two ``train --out runs/x``, two
+    ``predict --skip-done``) would mix their results; the second is refused in one line
+    instead. The lock is ``fcntl.flock`` on a hidden ``.NAME.lock`` beside the output, so
+    the kernel releases it when the process dies, however it dies. The file is removed
+    while still locked; a process that locked a file meanwhile removed sees that its inode
+    is no longer the path's and tries again, so two holders can never coexist.
+    """
+    import fcntl
+
+    final = Path(final)
+    lock = final.parent / f".{final.name}.lock"
+    for _ in range(3):
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        except OSError as exc:
+            raise write_error(final.parent, exc, "cannot write to") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(f"{final} is being written by another xrayfeat command; wait "
+                             "for it to finish or choose another output") from None
+        try:
+            current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)  # locked a file its holder had just removed: take the new one
+    else:
+        raise UsageError(f"{final} is being written by another xrayfeat command")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)  # closing releases the lock
+
+
+def locks_output(func: Callable) -> Callable:
+    """Decorate a command so that it runs holding :func:`output_lock` on its ``out``
+    argument (when one is given)."""
+    signature = inspect.signature(func)
+
+    @functools.wraps(func)
+    def locked(*args, **kwargs):
+        out = signature.bind(*args, **kwargs).arguments.get("out")
+        if out is None:
+            return func(*args, **kwargs)
+        with output_lock(out):
+            return func(*args, **kwargs)
+
+    return locked
 
 
 def current_umask() -> int:

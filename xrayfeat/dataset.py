@@ -37,7 +37,7 @@ import h5py
 import numpy as np
 
 from xrayfeat import __version__
-from xrayfeat.atomic import atomic_output, h5_writer, remove_stale_temporaries
+from xrayfeat.atomic import atomic_output, h5_writer, locks_output, remove_stale_temporaries
 from xrayfeat.errors import (EXIT_FAILURES, DatasetError, ImageReadError, UsageError,
                              XrayfeatError)
 from xrayfeat.imaging import looks_like_image_path
@@ -371,6 +371,7 @@ def _prepare_chunk(chunk: list[tuple[int, str, PreprocessSettings]]):
     return [_prepare_worker(task) for task in chunk]
 
 
+@locks_output  # a second command writing the same output is refused
 def prepare_dataset(
     src: Path,
     out: Path,

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TextIO
 
 import numpy as np
 
-from xrayfeat.atomic import atomic_output, remove_stale_temporaries
+from xrayfeat.atomic import atomic_output, locks_output, remove_stale_temporaries
 from xrayfeat.csvout import csv_text, read_cell
 from xrayfeat.dataset import iter_image_files, map_prepare
 from xrayfeat.errors import RunError, UsageError
@@ -322,6 +322,7 @@ def predict_files(
         yield flush(batch)
 
 
+@locks_output  # a second command writing the same output is refused
 def predict(
     run_path: str | os.PathLike,
     inputs: Sequence[str],

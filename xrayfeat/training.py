@@ -33,7 +33,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from xrayfeat import __version__
-from xrayfeat.atomic import atomic_output, remove_stale_temporaries, temporary_sibling
+from xrayfeat.atomic import (atomic_output, output_lock, remove_stale_temporaries,
+                             temporary_sibling)
 from xrayfeat.csvout import csv_text
 from xrayfeat.config import TrainConfig, checked_settings
 from xrayfeat.dataset import DatasetInfo, load_split, open_dataset, prepare_dataset, split_indices
@@ -606,7 +607,9 @@ def train(
     if not data.exists():
         raise UsageError(f"{data} does not exist")
     if is_chief_worker(config.strategy):
-        return _train(data, out, config, resume=resume, overwrite=overwrite, reporter=reporter)
+        with output_lock(out):  # a second train into the same run is refused, not mixed in
+            return _train(data, out, config, resume=resume, overwrite=overwrite,
+                          reporter=reporter)
     # Every worker saves (all must take part in each step), but only the chief into --out:
     # the others write into a private folder that is removed at the end.
     private = Path(tempfile.mkdtemp(prefix="xrayfeat-worker-"))
