@@ -454,3 +454,16 @@ def test_prepare_refuses_a_stored_size_no_run_accepts(tmp_path, examples_dir):
                                  "--size", "5000"])
     assert result.exit_code == 2
     assert "--size must be between 32 and 4096" in one_error_line(result)
+
+
+def test_escape_sequences_in_file_names_never_reach_the_terminal_raw(tmp_path, examples_dir):
+    src = tmp_path / "src"
+    shutil.copytree(examples_dir / "train", src)
+    bad = src / "NORMAL" / "\x1b]0;pwned\x07\x1b[31mred.jpeg"
+    bad.write_bytes(b"not an image")
+    result = runner.invoke(app, ["prepare", str(src), "--out", str(tmp_path / "d.h5"),
+                                 "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout
+    # Shown as escapes (the table may fold the name at any width: check the pieces).
+    assert "\\x1b" in result.stdout and "pwned" in result.stdout

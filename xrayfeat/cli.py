@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import typer
+import rich.markup
+import rich.text
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
-from rich.text import Text
 
 from xrayfeat import __version__
 from xrayfeat.config import TrainConfig
@@ -32,6 +33,26 @@ app = typer.Typer(
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
 )
+#: C0/C1 control characters but tab and newline: an ESC in a file name would otherwise
+#: reach the terminal raw and drive it (colours, cursor, title).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def Text(text: str = "", *args, **kwargs) -> rich.text.Text:  # noqa: N802 (stands in for it)
+    """Data (file, class, layer names) for the terminal: never Rich markup, and control
+    characters shown as escapes."""
+    return rich.text.Text(_printable(str(text)), *args, **kwargs)
+
+
+def escape(text: str) -> str:
+    """Data inside a markup string: markup escaped, control characters shown as escapes."""
+    return rich.markup.escape(_printable(str(text)))
+
+
 out_console = Console()  # results
 err_console = Console(stderr=True)  # progress, messages, errors
 _state = {"debug": False}
@@ -658,8 +679,6 @@ def visualize_layers(
 
 def render_visualize(result) -> None:
     """Files written per image (or the top contrast channels), then skipped files."""
-    from rich.markup import escape
-    from rich.text import Text  # file and class names are data, never Rich markup
 
     if hasattr(result, "comparisons"):  # class contrast
         counts = escape(", ".join(f"{c} {n}" for c, n in result.counts.items()))
@@ -698,8 +717,6 @@ def render_visualize(result) -> None:
 
 def render_probes(result) -> None:
     """One row per probed layer: depth, feature size, AUC of the trained and random model."""
-    from rich.markup import escape
-    from rich.text import Text  # layer and class names are data, never Rich markup
 
     counts = escape(", ".join(f"{c} {n}" for c, n in result.counts.items()))
     table = Table(title=f"{escape(str(result.out))}: linear probes on {escape(result.split)} "
