@@ -467,3 +467,92 @@ def test_escape_sequences_in_file_names_never_reach_the_terminal_raw(tmp_path, e
     assert "\x1b" not in result.stdout and "\x07" not in result.stdout
     # Shown as escapes (the table may fold the name at any width: check the pieces).
     assert "\\x1b" in result.stdout and "pwned" in result.stdout
+
+
+# --------------------------------------------------------------------------- malformed datasets
+
+def _damaged_copy(src: Path, dst: Path, damage) -> Path:
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as h5:
+        damage(h5)
+    return dst
+
+
+def _replace(name, data):
+    def damage(h5):
+        del h5[name]
+        h5.create_dataset(name, data=data)
+    return damage
+
+
+def _set_attr(key, value):
+    def damage(h5):
+        if value is None:
+            del h5.attrs[key]
+        else:
+            h5.attrs[key] = value
+    return damage
+
+
+def _external(tmp_path):
+    def damage(h5):
+        other = tmp_path / "elsewhere.h5"
+        with h5py.File(other, "w") as o:
+            o.create_dataset("images", data=h5["images"][:])
+        del h5["images"]
+        h5["images"] = h5py.ExternalLink(str(other), "images")
+    return damage
+
+
+def _external_storage(tmp_path):
+    def damage(h5):
+        raw = tmp_path / "raw.bin"
+        images = h5["images"][:]
+        images.tofile(raw)
+        del h5["images"]
+        h5.create_dataset("images", shape=images.shape, dtype=images.dtype,
+                          external=[(str(raw), 0, images.nbytes)])
+    return damage
+
+
+MALFORMED = {
+    "classes not JSON": lambda tmp: _set_attr("classes", "NORMAL,PNEUMONIA"),
+    "classes not strings": lambda tmp: _set_attr("classes", "[1, 2]"),
+    "size missing": lambda tmp: _set_attr("size", None),
+    "split as int": lambda tmp: lambda h5: _replace("split", np.zeros(len(h5["labels"]),
+                                                                       np.int64))(h5),
+    "fewer image rows": lambda tmp: lambda h5: _replace("images", h5["images"][:-2])(h5),
+    "image shape != size": lambda tmp: lambda h5: _replace(
+        "images", np.zeros((len(h5["labels"]), 8, 8), np.uint8))(h5),
+    "label 99": lambda tmp: lambda h5: _replace("labels", np.full(len(h5["labels"]), 99,
+                                                                  np.int32))(h5),
+    "label -1": lambda tmp: lambda h5: _replace("labels", np.full(len(h5["labels"]), -1,
+                                                                  np.int32))(h5),
+    "float64 images": lambda tmp: lambda h5: _replace("images",
+                                                      h5["images"][:].astype(np.float64))(h5),
+    "4-D images": lambda tmp: lambda h5: _replace("images", h5["images"][:][..., None])(h5),
+    "float labels": lambda tmp: lambda h5: _replace("labels",
+                                                    h5["labels"][:].astype(np.float32))(h5),
+    "external link": _external,
+    "external storage": _external_storage,
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_datasets_are_one_line_errors(examples_h5, tmp_path, case):
+    bad_file = _damaged_copy(examples_h5, tmp_path / "bad.h5", MALFORMED[case](tmp_path))
+    for command in (["evaluate", str(examples_h5.parent / "run"), str(bad_file)],
+                    ["train", str(bad_file), "--out", str(tmp_path / "run"), "--epochs", "1"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2, (case, command[0], result.output)
+        assert "not a valid xrayfeat dataset" in one_error_line(result), case
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_fifo_named_like_a_dataset_is_refused_without_hanging(trained_run, tmp_path):
+    fifo = tmp_path / "data.h5"
+    os.mkfifo(fifo)
+    proc = subprocess.run([sys.executable, "-m", "xrayfeat", "evaluate", str(trained_run),
+                           str(fifo)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "not a regular file" in proc.stderr

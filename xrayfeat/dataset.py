@@ -42,10 +42,10 @@ from xrayfeat.errors import (EXIT_FAILURES, DatasetError, ImageReadError, UsageE
                              XrayfeatError)
 from xrayfeat.imaging import looks_like_image_path
 from xrayfeat.preprocessing import PreprocessSettings, prepare_file
+from xrayfeat.schema import SPLITS, check_dataset, require_regular_file
 from xrayfeat.sources import (META_COLUMNS, check_shared_patients, compile_patient_regex,
                               dicom_identity, filter_files, read_labels_table)
 
-SPLITS = ("train", "val", "test")
 #: The largest stored side a run accepts (runs.py checks the same bound).
 MAX_STORED_SIZE = 4096
 #: Version 2 added the DICOM identity columns (sources.META_COLUMNS); version 1 files,
@@ -512,7 +512,6 @@ def prepare_dataset(
 
 # --- reading a prepared dataset -------------------------------------------------------------
 
-_REQUIRED = ("images", "labels", "split", "path", "patient")
 
 
 @dataclass(frozen=True)
@@ -536,26 +535,18 @@ class DatasetInfo:
 
 
 def open_dataset(path: str | os.PathLike) -> DatasetInfo:
-    """Check that ``path`` is a dataset written by ``prepare`` and describe it."""
+    """Check that ``path`` is a valid dataset written by ``prepare`` (xrayfeat.schema) and
+    describe it."""
     path = Path(path)
-    if not path.exists():
-        raise UsageError(f"{path} does not exist")
-    if path.is_dir():
-        raise UsageError(f"{path} is a folder, not a dataset file from 'xrayfeat prepare'")
+    require_regular_file(path)
     try:
         with h5py.File(path, "r") as h5:
-            missing = [k for k in _REQUIRED if k not in h5]
-            if missing or "classes" not in h5.attrs:
-                raise DatasetError(
-                    f"{path} is not an xrayfeat dataset (missing {', '.join(missing) or 'classes'}); "
-                    "create one with 'xrayfeat prepare'"
-                )
-            splits = h5["split"].asstr()[:]
+            classes, size, splits = check_dataset(h5, path)
             names, counts = np.unique(splits, return_counts=True)
             return DatasetInfo(
                 path=path,
-                classes=list(json.loads(h5.attrs["classes"])),
-                size=int(h5.attrs["size"]),
+                classes=classes,
+                size=size,
                 roi=bool(h5.attrs.get("roi", True)),
                 split_counts={str(s): int(c) for s, c in zip(names, counts)},
                 label_mode=str(h5.attrs.get("label_mode", "folders")),
