@@ -153,6 +153,44 @@ def test_interrupted_prepare_keeps_the_previous_dataset(tmp_path, big_folder, bi
         assert temporaries(tmp_path) == []
 
 
+def _spawned_workers(parent: int) -> list[int]:
+    """Process ids of the multiprocessing workers ``parent`` spawned (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == parent and b"spawn_main" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_killed_worker_costs_only_its_own_chunk(tmp_path, big_folder, big_folder_size):
+    """kill -9 of one decoding worker (what the OOM killer or a decoder segfault does):
+    the run notices at once, reruns the lost chunks, and finishes with every image."""
+    out = tmp_path / "data.h5"
+    logs = tmp_path / "logs"
+    proc = start(["prepare", str(big_folder), "--out", str(out), "--workers", "2"], logs)
+    # Mid-run: a tenth of the dataset written, both workers busy with chunks in flight.
+    wait_until(lambda: any(p.stat().st_size > big_folder_size // 10 for p in tmp_path.iterdir()
+                           if p.name.startswith(".data.h5.") and ".tmp" in p.name), proc)
+    victim = _spawned_workers(proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    try:
+        code = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("prepare hung after a worker was killed")
+    stderr = (logs / "stderr.txt").read_text(errors="replace")
+    assert code == 0, stderr[-2000:]
+    assert time.monotonic() - killed_at < 60
+    with h5py.File(out) as h5:
+        assert len(h5["labels"]) == 400  # the lost chunks were prepared again
+    assert "Traceback" not in stderr
+
+
 # --------------------------------------------------------------------------- train
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ HDF5 schema (also in the README):
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import json
 import multiprocessing
@@ -319,6 +320,33 @@ def _init_pool_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+#: The error row of a file whose decoding process died on it twice (a decoder crash on
+#: that file, or the out-of-memory killer).
+WORKER_DIED = "the decoding process died on this file (a decoder crash, or killed)"
+
+
+def _executor(workers: int):
+    from concurrent.futures import ProcessPoolExecutor
+
+    # Spawned, not forked: safe after TensorFlow has started its threads.
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_pool_worker)
+
+
+def _retry_alone(chunk: list) -> list:
+    """A chunk lost with a dead worker, run again in a process of its own; if that dies
+    too, the chunk's files become error rows and the run goes on."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    executor = _executor(1)
+    try:
+        return executor.submit(_prepare_chunk, chunk).result()
+    except BrokenProcessPool:
+        return [(index, None, WORKER_DIED) for index, _, _ in chunk]
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
 def map_prepare(
     paths: Sequence[str], settings: PreprocessSettings, workers: int | None = None,
     chunksize: int = 8,
@@ -326,9 +354,13 @@ def map_prepare(
     """Prepare files on all cores, yielding ``(index, PreparedImage | None, error)`` in order.
 
     Results stream: only a few chunks per worker are in flight, so memory does not grow
-    with the number of files. Workers are spawned (not forked) so this is safe to call
-    after TensorFlow has started its threads.
+    with the number of files. A worker that dies (``kill -9``, the out-of-memory killer, a
+    decoder crash) costs only the chunks in flight: the pool notices at once
+    (concurrent.futures marks it broken), each lost chunk runs again alone, and a chunk
+    that kills its process twice becomes error rows.
     """
+    from concurrent.futures.process import BrokenProcessPool
+
     if workers is not None and workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
     workers = workers or os.cpu_count() or 1
@@ -337,34 +369,52 @@ def map_prepare(
         _init_worker()
         yield from map(_prepare_worker, tasks)
         return
-    ctx = multiprocessing.get_context("spawn")
-    # Pool.imap has no back-pressure: workers run ahead of a slower consumer (the HDF5
-    # writer) and finished results pile up in the parent. A window of 2 chunks a worker,
-    # refilled as each is read, bounds memory whatever the number of files.
+    # A window of 2 chunks a worker, refilled as each is read: workers never run far
+    # ahead of a slower consumer (the HDF5 writer), so memory is bounded.
     chunks = iter(lambda: list(itertools.islice(tasks, chunksize)), [])
-    pool = ctx.Pool(workers, initializer=_init_pool_worker)
+    executor = _executor(workers)
     window: collections.deque = collections.deque()
+
+    def refill() -> None:
+        for chunk in itertools.islice(chunks, 2 * workers - len(window)):
+            try:
+                window.append((chunk, executor.submit(_prepare_chunk, chunk)))
+            except BrokenProcessPool:  # a worker died since: the chunk is lost unstarted
+                window.append((chunk, None))
+
     try:
-        window.extend(pool.apply_async(_prepare_chunk, (chunk,))
-                      for chunk in itertools.islice(chunks, 2 * workers))
+        refill()
         while window:
-            done = window.popleft().get()
-            for chunk in itertools.islice(chunks, 1):
-                window.append(pool.apply_async(_prepare_chunk, (chunk,)))
+            chunk, future = window.popleft()
+            try:
+                if future is None:
+                    raise BrokenProcessPool
+                done = future.result()
+            except BrokenProcessPool:
+                # Every chunk in flight was lost with the pool: rerun each alone, in order.
+                lost = [chunk] + [c for c, _ in window]
+                window.clear()
+                executor.shutdown(wait=False, cancel_futures=True)
+                for retried in map(_retry_alone, lost):
+                    yield from retried
+                executor = _executor(workers)
+                refill()
+                continue
+            refill()
             yield from done
     finally:
-        # Not Pool.terminate (what ``with Pool`` does): killing a worker while it writes a
-        # result leaves the result queue's lock taken, and the pool then hangs forever in
-        # its own shutdown (seen once in CI, on a strict-mode early stop). A consumer that
-        # stops early waits for the few chunks in flight instead.
-        pool.close()
+        # A consumer that stops early (an error, --strict, Ctrl-C) waits at most a minute
+        # for the few chunks in flight, then stops the workers outright.
+        processes = list((getattr(executor, "_processes", None) or {}).values())
+        executor.shutdown(wait=False, cancel_futures=True)
         deadline = time.monotonic() + 60
-        for pending in window:
-            pending.wait(max(0.0, deadline - time.monotonic()))
-        if all(pending.ready() for pending in window):
-            pool.join()
-        else:  # a worker stuck on one file for a minute: terminate after all
-            pool.terminate()
+        in_flight = [future for _, future in window if future is not None]
+        for future in in_flight:
+            with contextlib.suppress(Exception):
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
+        for process in processes:
+            if process.is_alive() and any(not f.done() for f in in_flight):
+                process.kill()  # stuck on one file for a minute: no public API but kill
 
 
 def _prepare_chunk(chunk: list[tuple[int, str, PreprocessSettings]]):
