@@ -384,3 +384,81 @@ def test_prepared_reduced_decode_close_to_full_decode(tmp_path, example_images):
         # With the ROI on, the lung mask can settle on a slightly different box for one
         # image; the typical image must still be within a few grey levels.
         assert float(np.median(diffs)) < typical, diffs
+
+
+# --------------------------------------------------------------------------- pixel budget bypasses
+
+def _tiff_with_two_widths() -> bytes:
+    """A little-endian TIFF header whose first IFD declares the width twice."""
+    entries = [(256, 3, 1, 100), (257, 3, 1, 100), (256, 3, 1, 8000)]
+    ifd = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHIHH", tag, typ, count, value, 0) for tag, typ, count, value in entries)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + b"\x00\x00\x00\x00"
+
+
+def test_tiff_declaring_its_size_twice_is_refused():
+    with pytest.raises(ImageReadError, match="declared twice"):
+        read_header(_tiff_with_two_widths())
+
+
+def _multiframe(path: Path, frames: int, side: int = 64) -> Path:
+    pytest.importorskip("pydicom")
+    from conftest import dicom_dataset
+
+    ds = dicom_dataset()
+    ds.Modality, ds.Rows, ds.Columns = "CR", side, side
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.NumberOfFrames = frames
+    pixels = np.stack([np.full((side, side), 40 * k % 256, np.uint8) for k in range(frames)])
+    pixels[0, :, side // 2:] = 200  # the first frame: half dark, half bright
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_multiframe_dicom_counts_every_frame_and_decodes_the_first(tmp_path):
+    path = _multiframe(tmp_path / "multi.dcm", 5)
+    image, shape = read_radiograph(path)
+    assert shape == (64, 64) and image.shape == (64, 64)
+    assert image[0, 0] < image[0, -1]  # the first frame, not a later one
+    with pytest.raises(ImageReadError, match="x 5 frames exceeds the budget"):
+        read_radiograph(path, max_pixels=64 * 64 * 4)
+
+
+def test_deflated_dicom_is_refused_before_it_is_inflated(tmp_path):
+    pytest.importorskip("pydicom")
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from conftest import write_dicom_file
+
+    path = write_dicom_file(tmp_path / "plain.dcm", np.zeros((64, 64), np.uint16))
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    deflated = tmp_path / "deflated.dcm"
+    ds.save_as(deflated, enforce_file_format=True)
+    with pytest.raises(ImageReadError, match="deflated DICOM is refused"):
+        read_radiograph(deflated)
+
+
+def test_a_jpeg_frame_larger_than_its_dicom_header_is_refused(tmp_path):
+    pytest.importorskip("pydicom")
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    from conftest import dicom_dataset
+
+    ok, jpeg = cv2.imencode(".jpg", np.full((256, 256), 128, np.uint8))
+    ds = dicom_dataset()
+    ds.Modality, ds.Rows, ds.Columns = "CR", 64, 64
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([jpeg.tobytes()])
+    ds["PixelData"].VR = "OB"
+    path = tmp_path / "liar.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(ImageReadError, match="JPEG frame is 256 x 256 but the header says 64"):
+        read_radiograph(path)

@@ -39,6 +39,7 @@ class ImageHeader:
     kind: str  # "jpeg", "png", "bmp", "tiff" or "dicom"
     width: int
     height: int
+    frames: int = 1  # DICOM NumberOfFrames: the budget counts every frame in the file
 
 
 def looks_like_image_path(path: Path) -> bool:
@@ -100,6 +101,10 @@ def _tiff_header(data: bytes) -> ImageHeader:
         for k in range(count):
             entry = data[ifd + 2 + 12 * k : ifd + 14 + 12 * k]
             tag, typ = struct.unpack(order + "HH", entry[:4])
+            if tag in (256, 257) and tag in tags:
+                # A reader keeping the last and a decoder the first would disagree on the
+                # size: the pixel budget could be bypassed.
+                raise ImageReadError("corrupt TIFF: the width or length is declared twice")
             if tag in (256, 257):
                 fmt = order + ("H" if typ == 3 else "I")
                 tags[tag] = struct.unpack(fmt, entry[8 : 8 + struct.calcsize(fmt)])[0]
@@ -110,11 +115,25 @@ def _tiff_header(data: bytes) -> ImageHeader:
     return ImageHeader("tiff", int(tags[256]), int(tags[257]))
 
 
+#: (0002,0010) Transfer Syntax UID, explicit VR "UI", in the file meta group.
+_TRANSFER_SYNTAX_TAG = b"\x02\x00\x10\x00UI"
+_DEFLATED = b"1.2.840.10008.1.2.1.99"
+
+
 def _dicom_header(data: bytes) -> ImageHeader:
     pydicom = _import_pydicom()
+    at = data.find(_TRANSFER_SYNTAX_TAG, 132, 132 + 4096)
+    if at >= 0:
+        (length,) = struct.unpack("<H", data[at + 6 : at + 8])
+        if data[at + 8 : at + 8 + length].rstrip(b"\x00 ") == _DEFLATED:
+            # pydicom inflates a deflated dataset whole before any element can be looked
+            # at: a small file could expand to gigabytes before the size check.
+            raise ImageReadError("deflated DICOM is refused: it must be inflated whole "
+                                 "before its size can be checked")
     try:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        return ImageHeader("dicom", int(ds.Columns), int(ds.Rows))
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        return ImageHeader("dicom", int(ds.Columns), int(ds.Rows), max(1, frames))
     except AttributeError:
         raise ImageReadError("DICOM file has no image (no Rows/Columns)") from None
     except Exception as exc:  # pydicom raises many types for corrupt files
@@ -154,10 +173,11 @@ def read_header(data: bytes) -> ImageHeader:
 
 
 def _check_size(header: ImageHeader, max_pixels: int) -> None:
-    if header.width * header.height > max_pixels:
+    if header.width * header.height * header.frames > max_pixels:
+        frames = f" x {header.frames} frames" if header.frames > 1 else ""
         raise ImageReadError(
-            f"image too large: {header.width} x {header.height} pixels exceeds the budget of "
-            f"{max_pixels / 1e6:g} megapixels"
+            f"image too large: {header.width} x {header.height} pixels{frames} exceeds the "
+            f"budget of {max_pixels / 1e6:g} megapixels"
         )
     if min(header.width, header.height) < MIN_SIDE:
         raise ImageReadError(
@@ -222,15 +242,34 @@ def _pixel_error(exc: Exception, ds) -> str:
     return " ".join(text.split())
 
 
+def _check_encapsulated_jpeg(ds) -> None:
+    """Refuse a compressed frame whose own header disagrees with the DICOM header: a
+    9000 x 9000 JPEG inside a file that says 64 x 64 would be decoded before any check."""
+    from pydicom.encaps import generate_frames
+
+    if not ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        return
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=frames), b"")
+    if frame[:3] == b"\xff\xd8\xff":
+        inner = _jpeg_header(frame)
+        if (inner.height, inner.width) != (int(ds.Rows), int(ds.Columns)):
+            raise ImageReadError(f"corrupt DICOM: its JPEG frame is {inner.width} x "
+                                 f"{inner.height} but the header says {ds.Columns} x {ds.Rows}")
+
+
 def _decode_dicom(data: bytes) -> np.ndarray:
     pydicom = _import_pydicom()
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
         if "PixelData" not in ds:
             raise ImageReadError("DICOM file has no pixel data")
-        pixels = ds.pixel_array
+        _check_encapsulated_jpeg(ds)
+        # Only the first frame of a multi-frame file is decoded (and needed).
+        pixels = pixel_array(ds, index=0) if int(ds.get("NumberOfFrames", 1) or 1) > 1 \
+            else ds.pixel_array
     except ImageReadError:
         raise
     except Exception as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +36,18 @@ def dicom_identity(path: str | os.PathLike) -> tuple[str, dict[str, str]] | None
     """``(PatientID, identity fields)`` of a DICOM file, read from its header alone; None for
     a file that is not DICOM, or whose header cannot be read (the decoder reports it)."""
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
+        # Non-blocking, regular files only: a FIFO named like an image would block open().
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        head = os.read(fd, 132)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     if head[128:132] != b"DICM":
         return None
     try:
