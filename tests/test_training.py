@@ -389,36 +389,6 @@ def test_streaming_from_disk_trains_exactly_as_in_memory(examples_h5, tmp_path):
         assert a["val_auc"] == pytest.approx(b["val_auc"], abs=1e-9)
 
 
-def test_training_view_is_fed_images_resized_as_the_model_resizes_them():
-    import tensorflow as tf
-
-    from xrayfeat.model import build_minivggnet, resize_to_input, training_view
-    from xrayfeat.training import pipeline_from_arrays
-
-    model = build_minivggnet(2, input_size=32, stored_size=48, width=0.25)
-    view = training_view(model)
-    assert view.input_shape == (None, 32, 32, 1)
-    assert [v.path for v in view.trainable_variables] == \
-        [v.path for v in model.trainable_variables]  # the same weights, not copies
-    images = np.random.default_rng(0).integers(0, 256, (5, 48, 48), dtype=np.uint8)
-    resized = resize_to_input(tf.cast(images[..., None], tf.float32), 32)
-    np.testing.assert_allclose(model.get_layer("resize")(images[..., None].astype(np.float32)),
-                               resized, atol=1e-4)
-    np.testing.assert_allclose(view(resized, training=False),
-                               model(images[..., None].astype(np.float32), training=False),
-                               atol=1e-5)
-    config = TrainConfig(input_size=32, epochs=1, batch_size=5, augment=False,
-                         label_smoothing=0.0)
-    dataset, steps = pipeline_from_arrays(tf.constant(images), tf.constant([0, 1, 0, 1, 1]),
-                                          config, 0, {0: 1.0, 1: 1.0}, 2)
-    x, y, w = next(iter(dataset))
-    order = epoch_order(5, config.seed, 0)
-    np.testing.assert_allclose(x, tf.gather(resized, order), atol=1e-4)
-    # A model whose input is already the input size is its own view.
-    same = build_minivggnet(2, input_size=32, stored_size=32, width=0.25)
-    assert training_view(same) is same
-
-
 def test_ema_run_scores_and_saves_the_moving_average_of_the_weights(examples_h5, tmp_path):
     from xrayfeat.runs import load_model_safely
 

@@ -162,28 +162,6 @@ def build_ensemble(models: list[keras.Model], name: str = "ensemble") -> keras.M
     return keras.Model(image, averaged, name=name)
 
 
-def training_view(model: keras.Model) -> keras.Model:
-    """The part of ``model`` after its resize layer, sharing its layers and weights.
-
-    Training feeds this view images already resized to the input size (with the resize
-    layer's own antialiased bilinear op, in the input pipeline), so augmentation warps
-    64 x 64 images instead of the stored 224 x 224 ones and every step skips the resize.
-    A model without a resize layer (stored size = input size) is its own view.
-    """
-    try:
-        resize = model.get_layer("resize")
-    except ValueError:
-        return model
-    return keras.Model(resize.output, model.output, name=f"{model.name}_training_view")
-
-
-def resize_to_input(images: Any, input_size: int) -> Any:
-    """``(b, S, S, 1)`` float32 images resized exactly as the model's resize layer does."""
-    import tensorflow as tf
-
-    return tf.image.resize(images, (input_size, input_size), method="bilinear", antialias=True)
-
-
 def is_float32(model: keras.Model) -> bool:
     """Whether every layer of ``model`` computes in float32."""
     return all(layer.dtype_policy.name == "float32" for layer in model.layers)

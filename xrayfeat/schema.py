@@ -51,7 +51,9 @@ def check_dataset(h5: h5py.File, path: Path) -> tuple[list[str], int, np.ndarray
 
     missing = [name for name in COLUMNS if name not in h5]
     if missing or "classes" not in h5.attrs:
-        raise bad(f"missing {', '.join(missing) or 'the classes attribute'}")
+        raise DatasetError(f"{path} is not an xrayfeat dataset (missing "
+                           f"{', '.join(missing) or 'classes'}); create one with "
+                           "'xrayfeat prepare'")
     try:
         classes = json.loads(h5.attrs["classes"])
     except (TypeError, ValueError):

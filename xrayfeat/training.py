@@ -267,7 +267,6 @@ def make_train_dataset(info: DatasetInfo, config: TrainConfig, initial_epoch: in
                                     tf.constant(arrays.labels, tf.int32),
                                     config, initial_epoch, weights, n_classes)
     from xrayfeat.dataset import iter_split
-    from xrayfeat.model import resize_to_input
 
     def generate():
         for e in range(initial_epoch, config.epochs):
@@ -277,33 +276,22 @@ def make_train_dataset(info: DatasetInfo, config: TrainConfig, initial_epoch: in
     source = tf.data.Dataset.from_generator(generate, output_signature=(
         tf.TensorSpec((None, info.size, info.size), tf.uint8),
         tf.TensorSpec((None,), tf.int64)))
-    def load(batch):
-        images = tf.cast(batch[0], tf.float32)[..., None]
-        if info.size != config.input_size:
-            images = resize_to_input(images, config.input_size)
-        return images, tf.cast(batch[1], tf.int32)
-
-    return _finish_pipeline(source, load, n, config, initial_epoch, weights, n_classes)
+    return _finish_pipeline(source, lambda batch: (batch[0], tf.cast(batch[1], tf.int32)),
+                            n, config, initial_epoch, weights, n_classes)
 
 
 def pipeline_from_arrays(images, labels, config: TrainConfig, initial_epoch: int,
                          weights: dict[int, float], n_classes: int):
     """The training pipeline over images ``(N, S, S)`` uint8 and labels already in memory.
 
-    The images are resized to the input size once, up front (in blocks, to bound the
-    float32 copy), so each epoch gathers and augments small images.
+    Augmentation warps the stored images, before the model's own antialiased resize: an
+    augmentation at the input size (one bilinear warp of 64 px images) was tried for speed,
+    and blurred the training images relative to the validation ones; its one measured run
+    scored validation AUC 0.984 against 0.992 (BENCHMARKS.md).
     """
     import tensorflow as tf
 
-    from xrayfeat.model import resize_to_input
-
     n = int(labels.shape[0])
-    if images.shape[1] != config.input_size:
-        images = tf.concat([resize_to_input(tf.cast(images[i : i + 512], tf.float32)[..., None],
-                                            config.input_size) for i in range(0, n, 512)]
-                           or [tf.zeros((0, config.input_size, config.input_size, 1))], axis=0)
-    else:
-        images = tf.cast(images, tf.float32)[..., None]
     epochs = range(initial_epoch, config.epochs)
     orders = (np.stack([epoch_order(n, config.seed, e) for e in epochs]) if len(epochs)
               else np.zeros((0, n), np.int64))
@@ -316,8 +304,7 @@ def pipeline_from_arrays(images, labels, config: TrainConfig, initial_epoch: int
 
 def _finish_pipeline(source, load, n: int, config: TrainConfig, initial_epoch: int,
                      weights: dict[int, float], n_classes: int):
-    """One parallel map per batch: ``load`` it (as float32 images at the input size),
-    augment, one-hot, weight; then prefetch."""
+    """One parallel map per batch: ``load`` it, augment, one-hot, weight; then prefetch."""
     import tensorflow as tf
 
     steps = math.ceil(n / config.batch_size)
@@ -326,7 +313,8 @@ def _finish_pipeline(source, load, n: int, config: TrainConfig, initial_epoch: i
     batch_ids = tf.data.Dataset.range(initial_epoch * steps, config.epochs * steps)
 
     def finish(item, batch_id):
-        x, y = load(item)  # (b, input_size, input_size, 1) float32 in 0-255
+        x, y = load(item)
+        x = tf.cast(x, tf.float32)[..., None]
         if config.augment:
             seeds = tf.stack([tf.constant(config.seed, tf.int64), batch_id])
             x = augment_batch(x, tf.cast(seeds, tf.int32), config)
@@ -382,7 +370,7 @@ def recalibrate_batch_norm(model, images: np.ndarray) -> None:
             layer.momentum = value
 
 
-def _make_keeper(out: Path, full_model, val_images: np.ndarray, val_labels: np.ndarray,
+def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
                  config: TrainConfig, state: dict, reporter: TrainReporter | None,
                  bn_sample: np.ndarray):
     import keras
@@ -394,9 +382,7 @@ def _make_keeper(out: Path, full_model, val_images: np.ndarray, val_labels: np.n
 
         One callback owns all training state so that ``state.json`` can restore it exactly.
         A model trained in bfloat16 is scored and saved as its float32 twin, so validation
-        and every later command see the same float32 model. ``fit`` runs on the model's
-        training view (``self.model``: optimizer, stopping); ``full_model``, which shares
-        its weights and takes the stored images, is what is scored and saved.
+        and every later command see the same float32 model.
         """
 
         _twin = None
@@ -404,12 +390,12 @@ def _make_keeper(out: Path, full_model, val_images: np.ndarray, val_labels: np.n
         def scoring_model(self):
             """The model validation scores and ``model.keras`` saves: float32, and with the
             optimizer's moving average of the weights when ``ema`` is on."""
-            if is_float32(full_model) and not config.ema:
-                return full_model
+            if is_float32(self.model) and not config.ema:
+                return self.model
             if self._twin is None:
-                self._twin = float32_twin(full_model)
+                self._twin = float32_twin(self.model)
             else:
-                self._twin.set_weights(full_model.get_weights())
+                self._twin.set_weights(self.model.get_weights())
             if config.ema:
                 averages = self.model.optimizer._model_variables_moving_average
                 for variable, average in zip(self._twin.trainable_variables, averages):
@@ -425,7 +411,7 @@ def _make_keeper(out: Path, full_model, val_images: np.ndarray, val_labels: np.n
             self._t0 = time.perf_counter()
             # Dropout draws from per-layer seed generators whose state a saved model does
             # not restore; seeding them by (seed, epoch) makes a resumed epoch identical.
-            for i, layer in enumerate(full_model.layers):
+            for i, layer in enumerate(self.model.layers):
                 generator = getattr(layer, "seed_generator", None)
                 if generator is not None:
                     generator.state.assign(np.array([config.seed * 1000 + i, epoch],
@@ -462,7 +448,7 @@ def _make_keeper(out: Path, full_model, val_images: np.ndarray, val_labels: np.n
                     state["stopped_early"] = True
             state["epoch"] = epoch + 1
             with atomic_output(out / LAST_FILE) as tmp:
-                full_model.save(tmp)  # with optimizer state, for --resume
+                self.model.save(tmp)  # with optimizer state, for --resume
                 _embed_state(tmp, state)  # one rename makes weights and state current
             _write_history(out / HISTORY_FILE, state["history"])
             write_json(out / STATE_FILE, state)  # the same state, for people and scripts
@@ -682,7 +668,7 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
 
     import keras  # TensorFlow starts here, after any prepare workers are done
 
-    from xrayfeat.model import build_minivggnet, resolve_precision, training_view
+    from xrayfeat.model import build_minivggnet, resolve_precision
 
     keras.utils.set_random_seed(config.seed)
     precision = resolve_precision(config.precision)
@@ -733,25 +719,22 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
                                                  ema_momentum=config.ema_momentum),
                 loss=keras.losses.CategoricalCrossentropy(),
             )
-        fitted = training_view(model)  # fed images already at the input size
-        if fitted is not model:
-            fitted.compile(optimizer=model.optimizer, loss=model.loss)
     train_ds, steps = make_train_dataset(info, config, state["epoch"], weights, n_classes)
     if reporter:
         reporter.on_train_start(config.epochs, state["epoch"], steps)
     bn_sample = _bn_sample(info, config) if config.ema else np.zeros((0,))
-    callbacks = [_make_keeper(out, model, val.images[..., None], val.labels, config, state,
-                              reporter, bn_sample)]
+    callbacks = [_make_keeper(out, val.images[..., None], val.labels, config, state, reporter,
+                              bn_sample)]
     if config.tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(config.tensorboard))
     already_stopped = state.get("stopped_early", False)
     if state["epoch"] < config.epochs and not already_stopped:
         if config.strategy == "multi-worker":
-            fit_multi_worker(fitted, strategy, train_ds, steps, config, state["epoch"],
+            fit_multi_worker(model, strategy, train_ds, steps, config, state["epoch"],
                              callbacks)
         else:
-            fitted.fit(train_ds, epochs=config.epochs, initial_epoch=state["epoch"],
-                       steps_per_epoch=steps, callbacks=callbacks, verbose=0, shuffle=False)
+            model.fit(train_ds, epochs=config.epochs, initial_epoch=state["epoch"],
+                      steps_per_epoch=steps, callbacks=callbacks, verbose=0, shuffle=False)
 
     return _finish(out, info, val, state, config, started)
 
