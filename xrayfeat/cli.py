@@ -762,20 +762,21 @@ def ensemble(
 
     [bold]Example:[/] xrayfeat ensemble runs/seed1 runs/seed2 runs/seed3 --out runs/ensemble
     """
-    import json
-
     _quiet_tensorflow()
     from xrayfeat.ensemble import ensemble_runs
 
     result = ensemble_runs(runs, out, data=data, threshold_method=threshold_method,
                            overwrite=overwrite)
+    render_ensemble(result, json_out)
+
+
+def render_ensemble(result, json_out: bool) -> None:
+    """Each member's and the ensemble's validation AUC, its metrics and threshold."""
+    import dataclasses
+    import json
+
     if json_out:
-        print(json.dumps({"run": str(result.run), "members": result.members,
-                          "member_val_auc": result.member_val_auc, "val_auc": result.val_auc,
-                          "threshold": result.threshold,
-                          "threshold_method": result.threshold_method,
-                          "threshold_ci": result.threshold_ci, "validation": result.validation,
-                          "seconds": result.seconds}, default=str))
+        print(json.dumps(dataclasses.asdict(result), default=str))
         return
     table = Table(title=f"{escape(str(result.run))}: {len(result.members)} members, "
                   f"{result.seconds:.1f} s")
