@@ -240,7 +240,7 @@ def report(results: list[dict], variants: list[str]) -> None:
             line += f"   TTA x{tta[0]['test_dev_tta']['views']}: " + " / ".join(
                 f"{np.mean([r['test_dev_tta'][k] for r in tta]):.3f}"
                 for k in ("accuracy", "sensitivity", "specificity", "roc_auc"))
-            line += (f" (plain " + " / ".join(
+            line += (" (plain " + " / ".join(
                 f"{np.mean([r['test_dev'][k] for r in tta]):.3f}"
                 for k in ("accuracy", "sensitivity", "specificity", "roc_auc"))
                 + f"); predict {np.mean([r['test_dev_tta']['predict_seconds'] for r in tta]):.1f}"
