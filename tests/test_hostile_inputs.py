@@ -556,3 +556,46 @@ def test_a_fifo_named_like_a_dataset_is_refused_without_hanging(trained_run, tmp
                            str(fifo)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "not a regular file" in proc.stderr
+
+
+# --------------------------------------------------------------------------- names not UTF-8
+
+@pytest.fixture
+def undecodable_folder(tmp_path) -> Path:
+    """A class folder holding a radiograph whose file name is not valid UTF-8."""
+    folder = tmp_path / "in"
+    for cls, opacity in (("NORMAL", False), ("PNEUMONIA", True)):
+        (folder / cls).mkdir(parents=True)
+        for k in range(2):
+            cv2.imwrite(str(folder / cls / f"ok{k}.jpeg"), make_synthetic_xray(96, seed=k,
+                                                                              opacity=opacity))
+    name = os.fsdecode(b"\xff\xfe.jpeg")  # lone surrogates in Python
+    cv2.imwrite(str(folder / "NORMAL" / "tmp.jpeg"), make_synthetic_xray(96, seed=9))
+    os.rename(folder / "NORMAL" / "tmp.jpeg", folder / "NORMAL" / name)
+    return folder
+
+
+def test_a_name_that_is_not_utf8_loses_no_report(trained_run, undecodable_folder, tmp_path):
+    out = tmp_path / "p.csv"
+    for _ in range(2):  # the second run resumes from the first's output
+        result = runner.invoke(app, ["predict", str(trained_run), str(undecodable_folder),
+                                     "--out", str(out), "--skip-done", "--workers", "1"])
+        assert result.exit_code == 0, result.output
+    assert "5 file(s) already in" in result.stderr
+    with open(out, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        paths = [r["path"] for r in csv.DictReader(fh)]
+    assert len(paths) == 5 and any(os.fsencode(p).endswith(b"\xff\xfe.jpeg") for p in paths)
+    stdout = runner.invoke(app, ["predict", str(trained_run), str(undecodable_folder),
+                                 "--workers", "1"])
+    assert stdout.exit_code == 0, stdout.output
+    evaluate_out = tmp_path / "report"
+    result = runner.invoke(app, ["evaluate", str(trained_run), str(undecodable_folder),
+                                 "--out", str(evaluate_out), "--bootstrap", "0"])
+    assert result.exit_code == 0, result.output
+    assert (evaluate_out / "predictions.csv").is_file()
+    image = next(p for p in (undecodable_folder / "NORMAL").iterdir()
+                 if os.fsencode(p.name).startswith(b"\xff"))
+    result = runner.invoke(app, ["visualize-layers", str(trained_run), str(image), "--out",
+                                 str(tmp_path / "viz"), "--layer", "block1_conv1"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "viz" / "index.html").is_file()

@@ -46,7 +46,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from xrayfeat.atomic import atomic_output, prepare_out_dir
+from xrayfeat.atomic import prepare_out_dir, write_text
 from xrayfeat.csvout import csv_text
 from xrayfeat.errors import DatasetError, ImageReadError, RunError, UsageError, XrayfeatError
 
@@ -406,12 +406,6 @@ def _short(path: str | os.PathLike, limit: int = 60) -> str:
 
 # --------------------------------------------------------------------------- output folder
 
-def _write_text(path: Path, text: str) -> Path:
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return path
-
-
 def _href(out: Path, path: Path) -> str:
     return quote(path.relative_to(out).as_posix())
 
@@ -667,7 +661,7 @@ def visualize_images(
     result = VisualizeResult(out=out, index=out / "index.html", run=Path(run_path), layers=chosen,
                              images=done, skipped=skipped, filters=filters_png,
                              cam_method=cam_method, seconds=0.0)
-    _write_text(result.index, _images_html(result, shared_scale, cmap))
+    write_text(result.index, _images_html(result, shared_scale, cmap))
     result.seconds = time.perf_counter() - started
     return result
 
@@ -931,11 +925,11 @@ def class_contrast(
 
     table = out / "contrast_channels.csv"
     names = list(ChannelEffect.__dataclass_fields__)
-    _write_text(table, csv_text(({k: (round(v, 6) if isinstance(v, float) else v)
+    write_text(table, csv_text(({k: (round(v, 6) if isinstance(v, float) else v)
                                   for k, v in row.__dict__.items()} for row in rows), names))
     top_rows = [r for r in rows if r.rank <= top_k]
     summary = out / "contrast.json"
-    _write_text(summary, json.dumps({
+    write_text(summary, json.dumps({
         "run": str(run_path), "data": str(data), "split": split, "classes": classes,
         "counts": counts, "top_k": top_k,
         "statistic": "Cohen's d (pooled SD) of each image's spatial-mean channel response, "
@@ -949,7 +943,7 @@ def class_contrast(
         classes=classes, counts=counts, layers=convs,
         comparisons=[(la, lb) for _, _, la, lb in comparisons], top=top_rows, table=table,
         summary=summary, figures=figures, seconds=0.0, notes=notes)
-    _write_text(result.index, _contrast_html(result))
+    write_text(result.index, _contrast_html(result))
     result.seconds = time.perf_counter() - started
     return result
 

@@ -79,6 +79,19 @@ def output_lock(final: str | os.PathLike) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """The one text writer: ``text`` to ``path`` atomically, as UTF-8.
+
+    File names that are not valid UTF-8 reach Python as lone surrogates (``\\udcff``);
+    they are written back as the bytes they were (``surrogateescape``), so a report that
+    names such a file is written whole, and reads back (``--skip-done``) to the same path.
+    """
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
+    return path
+
+
 def locks_output(func: Callable) -> Callable:
     """Decorate a command so that it runs holding :func:`output_lock` on its ``out``
     argument (when one is given)."""

@@ -26,7 +26,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from xrayfeat.atomic import atomic_output, prepare_out_dir
+from xrayfeat.atomic import prepare_out_dir, write_text
 
 #: A transform maps one stored image (S, S) uint8 to another of the same shape.
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -251,8 +251,7 @@ def _write_audit(out: Path, result: AuditResult) -> list[str]:
     from xrayfeat.runs import write_json
 
     write_json(out / "audit.json", result.to_dict())
-    with atomic_output(out / "audit.csv") as tmp:
-        tmp.write_text(csv_text([r.to_dict() for r in result.rows],
-                                list(result.rows[0].to_dict())))
+    write_text(out / "audit.csv", csv_text([r.to_dict() for r in result.rows],
+                                           list(result.rows[0].to_dict())))
     plot_audit(result.rows, result.classes, result.score, out / "audit.png")
     return [str(out / name) for name in ("audit.json", "audit.csv", "audit.png")]

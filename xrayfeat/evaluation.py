@@ -708,7 +708,7 @@ def _write_report(out: Path, names, runs, reports, labels, paths, probs, left_ou
     import json
 
     from xrayfeat import figures
-    from xrayfeat.atomic import atomic_output
+    from xrayfeat.atomic import write_text
     from xrayfeat.csvout import csv_text
 
     out.mkdir(parents=True, exist_ok=True)
@@ -716,8 +716,7 @@ def _write_report(out: Path, names, runs, reports, labels, paths, probs, left_ou
     classes = runs[0].classes
     single = len(names) == 1
     metrics = reports[names[0]] if single else {"runs": reports}
-    with atomic_output(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float) + "\n")
     written.append(out / "metrics.json")
     table: list[list] = []
     header = ["path", "true_label"]
@@ -739,8 +738,7 @@ def _write_report(out: Path, names, runs, reports, labels, paths, probs, left_ou
         table.append(row)
     for path, reason in left_out:
         table.append([path, "", "", f"left out: {reason}"] + [""] * (len(header) - 4))
-    with atomic_output(out / "predictions.csv") as tmp:
-        tmp.write_text(csv_text(table, header))
+    write_text(out / "predictions.csv", csv_text(table, header))
     written.append(out / "predictions.csv")
     if len(classes) == 2:
         curves = [(name, labels, prob[:, 1], reports[name]["threshold"])

@@ -162,7 +162,14 @@ class _StreamWriter:
             self._write(_format_rows([], names, "csv", header=True))
 
     def _write(self, text: str) -> None:
-        self.stream.write(text)
+        try:
+            self.stream.write(text)
+        except UnicodeEncodeError:  # a file name that is not UTF-8: its bytes as they were
+            buffer = getattr(self.stream, "buffer", None)
+            if buffer is None:
+                raise
+            self.stream.flush()
+            buffer.write(text.encode("utf-8", "surrogateescape"))
         self.stream.flush()
 
     def write(self, rows: list[dict]) -> None:
@@ -188,7 +195,8 @@ class _Writer:
             new = not self.out.exists() or self.out.stat().st_size == 0
             try:
                 self.out.parent.mkdir(parents=True, exist_ok=True)
-                self.fh = open(self.out, "a", encoding="utf-8", newline="")
+                self.fh = open(self.out, "a", encoding="utf-8", errors="surrogateescape",
+                               newline="")
             except OSError as exc:
                 raise UsageError(f"cannot write {self.out}: {exc.strerror or exc}") from None
             if new and self.fmt == "csv":
@@ -202,7 +210,7 @@ class _Writer:
             remove_stale_temporaries(self.out.parent)  # half-written outputs of killed runs
             self._atomic = atomic_output(self.out)
             tmp = self._atomic.__enter__()
-            self.fh = open(tmp, "w", encoding="utf-8", newline="")
+            self.fh = open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="")
             if self.fmt == "csv":
                 self.fh.write(_format_rows([], self.names, "csv", header=True))
         return self

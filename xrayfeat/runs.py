@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xrayfeat.atomic import atomic_output
+from xrayfeat.atomic import write_text
 from xrayfeat.errors import RunError
 from xrayfeat.preprocessing import PreprocessSettings
 from xrayfeat.roi import RoiSettings
@@ -36,8 +36,7 @@ CURVES_FILE = "training_curves.png"
 
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temporary file, then rename)."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(value: Any):

@@ -34,7 +34,7 @@ import numpy as np
 
 from xrayfeat import __version__
 from xrayfeat.atomic import (atomic_output, output_lock, remove_stale_temporaries,
-                             temporary_sibling)
+                             temporary_sibling, write_text)
 from xrayfeat.csvout import csv_text
 from xrayfeat.config import TrainConfig, checked_settings
 from xrayfeat.dataset import DatasetInfo, load_split, open_dataset, prepare_dataset, split_indices
@@ -491,8 +491,7 @@ def resume_state(out: Path) -> dict:
 
 
 def _write_history(path: Path, rows: list[dict[str, float]]) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(csv_text(rows, list(rows[0])))
+    write_text(path, csv_text(rows, list(rows[0])))
 
 
 # --- strategy --------------------------------------------------------------------------------
