@@ -599,3 +599,18 @@ def test_a_name_that_is_not_utf8_loses_no_report(trained_run, undecodable_folder
                                  str(tmp_path / "viz"), "--layer", "block1_conv1"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "viz" / "index.html").is_file()
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 1), (32, 32, 3)])
+def test_a_model_whose_input_differs_from_its_config_is_one_line(trained_run, examples_dir,
+                                                                 tmp_path, shape):
+    import keras
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    inputs = keras.Input(shape, name="image")
+    x = keras.layers.GlobalAveragePooling2D()(inputs)
+    keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x)).save(run / "model.keras")
+    result = runner.invoke(app, ["predict", str(run), str(examples_dir / "val"), "--workers", "1"])
+    assert result.exit_code == 2
+    assert "the run is inconsistent" in one_error_line(result)

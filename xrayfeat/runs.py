@@ -90,6 +90,13 @@ class Run:
     def load_model(self):
         """Load the best model with Keras' safe mode: a run is data and never runs code."""
         model = load_model_safely(self.model_path)
+        size = self.preprocess.size
+        if tuple(model.input_shape[1:]) != (size, size, 1):
+            raise RunError(
+                f"{self.model_path} takes input {tuple(model.input_shape[1:])} but "
+                f"{CONFIG_FILE} says {size} x {size} x 1 stored images; the run is "
+                "inconsistent: retrain it"
+            )
         n_outputs = model.output_shape[-1]
         if n_outputs != len(self.classes):
             raise RunError(
