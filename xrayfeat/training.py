@@ -35,8 +35,8 @@ import numpy as np
 from xrayfeat import __version__
 from xrayfeat.atomic import (atomic_output, output_lock, remove_stale_temporaries,
                              temporary_sibling, write_text)
-from xrayfeat.csvout import csv_text
 from xrayfeat.config import TrainConfig, checked_settings
+from xrayfeat.csvout import csv_text
 from xrayfeat.dataset import DatasetInfo, load_split, open_dataset, prepare_dataset, split_indices
 from xrayfeat.errors import DatasetError, RunError, UsageError
 from xrayfeat.runs import (CONFIG_FILE, CURVES_FILE, HISTORY_FILE, LAST_FILE, MODEL_FILE,
@@ -186,8 +186,8 @@ def augment_batch(images, seeds, config: TrainConfig):
 
     One affine warp per image (rotation, shift, zoom: one interpolation, not three),
     then brightness and contrast, and where configured blur/sharpening, gamma and a black
-    frame (the acquisition differences ``xrayfeat audit`` measures). ``seeds`` is a ``(2,)`` int tensor: stateless ops make
-    the result a pure function of it.
+    frame (the acquisition differences ``xrayfeat audit`` measures). ``seeds`` is a ``(2,)``
+    int tensor: stateless ops make the result a pure function of it.
     """
     import tensorflow as tf
 
@@ -345,10 +345,10 @@ def recalibrate_batch_norm(model, images: np.ndarray) -> None:
     """Recompute ``model``'s batch-norm moving statistics on ``images`` (stored images).
 
     Keras' EMA averages the trainable weights only, so averaged weights would meet moving
-    statistics gathered under the raw weights; the averaged model's first epochs then
-    scored validation AUC ~0.8 where the raw weights scored ~0.96 (measured). Forward
-    passes in training mode, with the moving averages reset first, give the averaged
-    weights statistics of their own (as SWA's ``update_bn`` does).
+    statistics gathered under the raw weights: an epoch-5 average scored validation AUC
+    0.943 with those, 0.977 with statistics of its own (measured). Forward passes in
+    training mode, averaging their batch statistics, give it its own (as SWA's
+    ``update_bn`` does).
     """
     import keras
 
