@@ -123,7 +123,7 @@ _DEFLATED = b"1.2.840.10008.1.2.1.99"
 def _dicom_header(data: bytes) -> ImageHeader:
     pydicom = _import_pydicom()
     at = data.find(_TRANSFER_SYNTAX_TAG, 132, 132 + 4096)
-    if at >= 0:
+    if at >= 0 and len(data) >= at + 8:  # a cut file is pydicom's to name below
         (length,) = struct.unpack("<H", data[at + 6 : at + 8])
         if data[at + 8 : at + 8 + length].rstrip(b"\x00 ") == _DEFLATED:
             # pydicom inflates a deflated dataset whole before any element can be looked
