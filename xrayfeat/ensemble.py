@@ -3,7 +3,7 @@
 The ensemble's ``model.keras`` is one flat Keras graph (xrayfeat.model.build_ensemble):
 every member's layers, renamed ``member{i}_{layer}``, read one shared input, and an
 ``Average`` layer (named ``predictions``) averages their class probabilities. Being an ordinary functional model
-with Keras' own layers, it loads with ``safe_mode`` and predict, evaluate, audit, probes
+with Keras' own layers, it loads with ``safe_mode`` and predict, evaluate, audit
 and visualize-layers read it unchanged (Grad-CAM averages the members' maps). Its
 threshold is chosen again on the validation split all members share, with the members'
 threshold method.
