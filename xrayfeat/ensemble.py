@@ -2,11 +2,11 @@
 
 The ensemble's ``model.keras`` is one flat Keras graph (xrayfeat.model.build_ensemble):
 every member's layers, renamed ``member{i}_{layer}``, read one shared input, and an
-``Average`` layer (named ``predictions``) averages their class probabilities. Being an ordinary functional model
-with Keras' own layers, it loads with ``safe_mode`` and predict, evaluate, audit
-and visualize-layers read it unchanged (Grad-CAM averages the members' maps). Its
-threshold is chosen again on the validation split all members share, with the members'
-threshold method.
+``Average`` layer (named ``predictions``) averages their class probabilities. Being an
+ordinary functional model of Keras' own layers, it loads with ``safe_mode``, and
+predict, evaluate, audit and visualize-layers read it unchanged (Grad-CAM averages the
+members' maps). Its threshold is chosen again on the validation split all members
+share, with the members' threshold method.
 
 Averaging independently trained networks is the method whose benefit under dataset shift
 is best documented (Lakshminarayanan et al. 2017; Ovadia et al. 2019): the members agree
