@@ -59,6 +59,8 @@ def escape(text: str) -> str:
     return rich.markup.escape(_printable(str(text)))
 
 
+#: Width of tables written off a terminal (wide enough for long paths in every column).
+UNBOUNDED_WIDTH = 240
 out_console = Console()  # results
 err_console = Console(stderr=True)  # progress, messages, errors
 _state = {"debug": False}
@@ -78,6 +80,10 @@ def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
     _state["debug"] = debug
+    # Off a terminal (a pipe, a file, a log) no terminal width applies: tables are drawn
+    # wide enough never to cut a name, whatever COLUMNS says.
+    for console in (out_console, err_console):
+        console.width = None if console.is_terminal else UNBOUNDED_WIDTH
 
 
 def _quiet_tensorflow() -> None:
