@@ -43,12 +43,10 @@ from xrayfeat.errors import (EXIT_FAILURES, DatasetError, ImageReadError, UsageE
                              XrayfeatError)
 from xrayfeat.imaging import looks_like_image_path
 from xrayfeat.preprocessing import PreprocessSettings, prepare_file
-from xrayfeat.schema import SPLITS, check_dataset, require_regular_file
+from xrayfeat.schema import MAX_STORED_SIZE, SPLITS, check_dataset, require_regular_file
 from xrayfeat.sources import (META_COLUMNS, check_shared_patients, compile_patient_regex,
                               dicom_identity, filter_files, read_labels_table)
 
-#: The largest stored side a run accepts (runs.py checks the same bound).
-MAX_STORED_SIZE = 4096
 #: Version 2 added the DICOM identity columns (sources.META_COLUMNS); version 1 files,
 #: which lack them, are read the same way.
 DATASET_FORMAT = "xrayfeat-dataset/2"

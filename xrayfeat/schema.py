@@ -20,6 +20,8 @@ import numpy as np
 from xrayfeat.errors import DatasetError, UsageError
 
 SPLITS = ("train", "val", "test")
+#: The largest stored side a dataset may have (runs.py checks a run's the same way).
+MAX_STORED_SIZE = 4096
 #: Columns every dataset has: (dtype kind, shape after N); "S" = any string.
 COLUMNS = {"images": ("u", None), "labels": ("i", ()), "split": ("S", ()), "path": ("S", ()),
            "patient": ("S", ())}
@@ -63,7 +65,7 @@ def check_dataset(h5: h5py.File, path: Path) -> tuple[list[str], int, np.ndarray
             or len(set(classes)) != len(classes)):
         raise bad("'classes' must list two or more distinct class names")
     size = h5.attrs.get("size")
-    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or not 8 <= size <= 4096:
+    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or not 8 <= size <= MAX_STORED_SIZE:
         raise bad(f"'size' must be the stored side in pixels, got {size!r}")
     size = int(size)
     columns = {**COLUMNS, **{k: v for k, v in OPTIONAL_COLUMNS.items() if k in h5}}
