@@ -20,6 +20,7 @@ from xrayfeat.dataset import (
     find_labelled_files,
     grouped_split,
     iter_image_files,
+    open_dataset,
     patient_id,
     prepare_dataset,
 )
@@ -439,3 +440,52 @@ def test_streamed_batches_are_the_in_memory_batches_in_the_same_order(examples_h
     # Without an order: file order, read a slab at a time where rows are consecutive.
     in_file_order = np.concatenate([b for b, _ in iter_split(examples_h5, "train", 5)])
     np.testing.assert_array_equal(in_file_order, whole.images)
+
+
+# --------------------------------------------------------------------------- --resize
+
+def test_letterbox_keeps_the_aspect_ratio_and_fills_with_the_background():
+    from xrayfeat.preprocessing import letterbox
+
+    wide = np.full((40, 100), 30, np.uint8)
+    wide[10:30, 40:60] = 200  # a square object must stay square
+    square = letterbox(wide)
+    assert square.shape == (100, 100)
+    assert (square[:30] == 30).all() and (square[70:] == 30).all()  # background, not black
+    ys, xs = np.nonzero(square == 200)
+    assert np.ptp(ys) == np.ptp(xs) == 19
+    assert letterbox(square) is square  # already square: untouched
+
+
+@pytest.mark.parametrize("resize", ["stretch", "pad"])
+def test_prepare_records_the_resize_mode(tmp_path, synthetic_xray, resize):
+    src = tmp_path / "src"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (src / cls).mkdir(parents=True)
+        for i in range(6):
+            cv2.imwrite(str(src / cls / f"{cls}-{i}.png"), synthetic_xray((120, 200), seed=i))
+    out = tmp_path / f"{resize}.h5"
+    prepare_dataset(src, out, settings=PreprocessSettings(size=64, roi=False, resize=resize),
+                    workers=1, val_fraction=0.3)
+    assert open_dataset(out).resize == resize
+    with h5py.File(out, "r") as h5:
+        assert h5.attrs["resize"] == resize
+        first = h5["images"][0]
+    # A 120 x 200 source padded to a square has a background band top and bottom.
+    band = np.abs(first[:8].astype(int) - first[:8].mean()).max()
+    assert (band <= 2) == (resize == "pad")
+
+
+def test_an_unknown_resize_mode_is_refused(tmp_path, class_folder):
+    with pytest.raises(UsageError, match="--resize must be one of stretch, pad"):
+        prepare_dataset(class_folder, tmp_path / "x.h5",
+                        settings=PreprocessSettings(resize="crop"), workers=1)
+
+
+def test_a_dataset_with_an_unknown_resize_attribute_is_refused(tmp_path, class_folder):
+    out = tmp_path / "d.h5"
+    prepare_dataset(class_folder, out, settings=PreprocessSettings(size=48), workers=1)
+    with h5py.File(out, "a") as h5:
+        h5.attrs["resize"] = "squash"
+    with pytest.raises(DatasetError, match="'resize' must be one of"):
+        open_dataset(out)

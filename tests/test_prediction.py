@@ -155,3 +155,29 @@ def test_gradcam_overlays_one_per_readable_input(trained_run, mixed_folder, tmp_
             workers=1, batch_size=4)
     written = sorted(p.name for p in cams.iterdir())
     assert len(written) == 6 and all(n.endswith("_gradcam.png") for n in written)
+
+
+def test_a_padded_run_is_seen_padded_by_predict(tmp_path):
+    """--resize pad travels from the dataset into the run, and predict pads raw files the
+    same way: its probabilities equal evaluate's on the stored (padded) images."""
+    from xrayfeat.config import TrainConfig
+    from xrayfeat.dataset import prepare_dataset
+    from xrayfeat.evaluation import evaluate_runs
+    from xrayfeat.preprocessing import PreprocessSettings
+    from xrayfeat.runs import load_run
+    from xrayfeat.training import train
+
+    data = tmp_path / "pad.h5"
+    prepare_dataset(EXAMPLES_DIR, data, settings=PreprocessSettings(resize="pad"), workers=1,
+                    val_fraction=0.25, seed=1)
+    run = tmp_path / "run"
+    train(data, run, TrainConfig(input_size=32, epochs=1, batch_size=16, width=0.25))
+    assert load_run(run).preprocess.resize == "pad"
+    predict(run, [str(EXAMPLES_DIR / "test")], out=tmp_path / "p.csv", workers=1)
+    predicted = {r["path"]: float(r["probability"]) for r in _read_csv(tmp_path / "p.csv")}
+    evaluate_runs([run], data, split="test", out=tmp_path / "ev", n_boot=0)
+    stored = {r["path"]: float(r["probability"])
+              for r in _read_csv(tmp_path / "ev" / "predictions.csv")}
+    assert len(stored) == len(predicted) > 0
+    for path, p in stored.items():
+        assert predicted[str(Path(path).resolve())] == pytest.approx(p, abs=1e-5), path

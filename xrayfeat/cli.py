@@ -196,6 +196,9 @@ def prepare(
     out: Path = typer.Option(..., "--out", "-o", help="HDF5 file to write."),
     size: int = typer.Option(224, help="Side of the stored square images, in pixels."),
     roi: bool = typer.Option(True, "--roi/--no-roi", help="Crop to the thorax before resizing."),
+    resize: str = typer.Option("stretch", help="How a crop that is not square becomes "
+                               "square: 'stretch' each side, or 'pad' (keep the aspect "
+                               "ratio, fill with the image's background)."),
     val_fraction: float = typer.Option(0.1, help="Validation share cut from train, by patient, "
                                        "when SRC has no val split of 50+ images."),
     seed: int = typer.Option(42, help="Seed of the validation split."),
@@ -225,7 +228,8 @@ def prepare(
     with _progress() as progress:
         bar = _Bar(progress, "prepare")
         result = prepare_dataset(
-            src, out, settings=PreprocessSettings(size=size, roi=roi), val_fraction=val_fraction,
+            src, out, settings=PreprocessSettings(size=size, roi=roi, resize=resize),
+            val_fraction=val_fraction,
             seed=seed, label_mode=labels, patient_regex=patient_regex,
             any_modality=any_modality, views=parse_views(views),
             allow_shared_patients=allow_shared_patients, overwrite=overwrite, strict=strict,

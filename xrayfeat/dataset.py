@@ -15,8 +15,9 @@ HDF5 schema (also in the README):
     source_shape  (N, 2) int32      height, width of the source file
     study_uid, series_uid, modality, view, photometric, body_part
                   (N,) str          DICOM identity fields, "" when unknown (format 2 on)
-    attrs: classes (JSON list), size, roi (bool), roi_settings (JSON), xrayfeat_version,
-           label_mode, format ("xrayfeat-dataset/2")
+    attrs: classes (JSON list), size, roi (bool), roi_settings (JSON), resize ("stretch"
+           or "pad"; absent = stretch), xrayfeat_version, label_mode,
+           format ("xrayfeat-dataset/2")
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from xrayfeat.atomic import atomic_output, h5_writer, locks_output, remove_stale
 from xrayfeat.errors import (EXIT_FAILURES, DatasetError, ImageReadError, UsageError,
                              XrayfeatError)
 from xrayfeat.imaging import looks_like_image_path
-from xrayfeat.preprocessing import PreprocessSettings, prepare_file
+from xrayfeat.preprocessing import RESIZE_MODES, PreprocessSettings, prepare_file
 from xrayfeat.schema import MAX_STORED_SIZE, SPLITS, check_dataset, require_regular_file
 from xrayfeat.sources import (META_COLUMNS, check_shared_patients, compile_patient_regex,
                               dicom_identity, filter_files, read_labels_table)
@@ -456,6 +457,9 @@ def prepare_dataset(
         raise UsageError(f"{out} exists; pass --overwrite to replace it")
     if not 32 <= settings.size <= MAX_STORED_SIZE:
         raise UsageError(f"--size must be between 32 and {MAX_STORED_SIZE}, got {settings.size}")
+    if settings.resize not in RESIZE_MODES:
+        raise UsageError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got "
+                         f"{settings.resize!r}")
     files, classes, ignored = find_labelled_files(Path(src), label_mode,
                                                   patient_regex=patient_regex)
     files, refused = filter_files(files, any_modality, views)
@@ -537,6 +541,7 @@ def prepare_dataset(
         h5.attrs["size"] = size
         h5.attrs["roi"] = settings.roi
         h5.attrs["roi_settings"] = json.dumps(asdict(settings.roi_settings))
+        h5.attrs["resize"] = settings.resize
         h5.attrs["label_mode"] = label_mode
         h5.attrs["xrayfeat_version"] = __version__
         h5.attrs["format"] = DATASET_FORMAT
@@ -551,7 +556,8 @@ def prepare_dataset(
         ignored=ignored,
         seconds=time.perf_counter() - started,
         val_cut_from_train=val_cut,
-        settings={"size": size, "roi": settings.roi, "val_fraction": val_fraction, "seed": seed,
+        settings={"size": size, "roi": settings.roi, "resize": settings.resize,
+                  "val_fraction": val_fraction, "seed": seed,
                   "label_mode": label_mode},
         patients={s: n for s, n in patients.items() if n},
         notes=notes,
@@ -572,6 +578,7 @@ class DatasetInfo:
     roi: bool
     split_counts: dict[str, int]  # split -> images
     label_mode: str = "folders"
+    resize: str = "stretch"  # how non-square crops became square (preprocessing.RESIZE_MODES)
 
     def require_split(self, split: str) -> int:
         """Number of images in ``split``; a one-line error when there are none."""
@@ -598,6 +605,7 @@ def open_dataset(path: str | os.PathLike) -> DatasetInfo:
                 roi=bool(h5.attrs.get("roi", True)),
                 split_counts={str(s): int(c) for s, c in zip(names, counts)},
                 label_mode=str(h5.attrs.get("label_mode", "folders")),
+                resize=str(h5.attrs.get("resize", "stretch")),
             )
     except OSError as exc:
         raise DatasetError(f"{path} is not an HDF5 dataset ({exc})") from None

@@ -595,6 +595,10 @@ def _dataset_predictions(runs, models, data: Path, split: str, notices: list[str
         if run.preprocess.roi != info.roi:
             notices.append(f"{data} was prepared with roi={info.roi} but run {run.path} with "
                            f"roi={run.preprocess.roi}: images are not seen as in training")
+        if run.preprocess.resize != info.resize:
+            notices.append(f"{data} was prepared with --resize {info.resize} but run "
+                           f"{run.path} with --resize {run.preprocess.resize}: images are not "
+                           "seen as in training")
     meta = load_split(data, split, with_images=False)
     probs = [[] for _ in runs]
     for images, _ in iter_split(data, split, batch_size=128):

@@ -17,6 +17,13 @@ import numpy as np
 from xrayfeat.imaging import DEFAULT_MAX_PIXELS, read_radiograph
 from xrayfeat.roi import Roi, RoiSettings, find_roi
 
+#: How a crop that is not square becomes the stored square. ``stretch`` scales each side
+#: on its own (the Kermany release and most recipes do this); ``pad`` keeps the aspect
+#: ratio and letterboxes the short side with the crop's own background (the median of its
+#: outermost pixels, so no artificial black edge appears: `xrayfeat audit` measures a black
+#: frame as one of the default model's shortcuts).
+RESIZE_MODES = ("stretch", "pad")
+
 
 @dataclass(frozen=True)
 class PreprocessSettings:
@@ -26,6 +33,7 @@ class PreprocessSettings:
     roi: bool = True  # crop to the thorax before resizing
     roi_settings: RoiSettings = RoiSettings()
     max_pixels: int = DEFAULT_MAX_PIXELS
+    resize: str = "stretch"  # one of RESIZE_MODES; chosen by measurement (BENCHMARKS.md)
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,8 @@ def prepare_array(
     source_shape = source_shape or (h, w)
     roi = find_roi(gray, settings.roi_settings) if settings.roi else Roi(0, 0, w, h, "full")
     crop = gray[roi.y0 : roi.y1, roi.x0 : roi.x1]
+    if settings.resize == "pad":
+        crop = letterbox(crop)
     interpolation = cv2.INTER_AREA if min(crop.shape) >= settings.size else cv2.INTER_LINEAR
     image = cv2.resize(crop, (settings.size, settings.size), interpolation=interpolation)
     sy, sx = source_shape[0] / h, source_shape[1] / w
@@ -58,6 +68,19 @@ def prepare_array(
         roi.method,
     )
     return PreparedImage(image=np.ascontiguousarray(image), roi=box, source_shape=source_shape)
+
+
+def letterbox(image: np.ndarray) -> np.ndarray:
+    """``image`` centred in a square, the short side filled with its background value."""
+    h, w = image.shape
+    if h == w:
+        return image
+    edge = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    background = int(np.median(edge))
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    return cv2.copyMakeBorder(image, top, side - h - top, left, side - w - left,
+                              cv2.BORDER_CONSTANT, value=background)
 
 
 def prepare_file(path: str | os.PathLike, settings: PreprocessSettings) -> PreparedImage:

@@ -21,7 +21,7 @@ from typing import Any
 
 from xrayfeat.atomic import write_text
 from xrayfeat.errors import RunError
-from xrayfeat.preprocessing import PreprocessSettings
+from xrayfeat.preprocessing import RESIZE_MODES, PreprocessSettings
 from xrayfeat.roi import RoiSettings
 
 RUN_FORMAT = "xrayfeat-run/1"
@@ -81,7 +81,8 @@ class Run:
         """The preprocessing the training data went through: reused for raw files."""
         p = self.config["preprocess"]
         return PreprocessSettings(size=int(p["size"]), roi=bool(p["roi"]),
-                                  roi_settings=RoiSettings(**p.get("roi_settings", {})))
+                                  roi_settings=RoiSettings(**p.get("roi_settings", {})),
+                                  resize=p.get("resize", "stretch"))  # older runs stretched
 
     @property
     def model_path(self) -> Path:
@@ -186,6 +187,8 @@ def _check_config(path: Path, config: dict) -> None:
         damaged(f"'preprocess.size' must be a number of pixels, got {size!r}")
     if not isinstance(p.get("roi"), bool):
         damaged("'preprocess.roi' must be true or false")
+    if p.get("resize", "stretch") not in RESIZE_MODES:
+        damaged(f"'preprocess.resize' must be one of {', '.join(RESIZE_MODES)}")
     roi = p.get("roi_settings", {})
     known = {f.name for f in fields(RoiSettings)}
     if (not isinstance(roi, dict) or set(roi) - known

@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 
 from xrayfeat.errors import DatasetError, UsageError
+from xrayfeat.preprocessing import RESIZE_MODES
 
 SPLITS = ("train", "val", "test")
 #: The largest stored side a dataset may have (runs.py checks a run's the same way).
@@ -68,6 +69,9 @@ def check_dataset(h5: h5py.File, path: Path) -> tuple[list[str], int, np.ndarray
     if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or not 8 <= size <= MAX_STORED_SIZE:
         raise bad(f"'size' must be the stored side in pixels, got {size!r}")
     size = int(size)
+    resize = h5.attrs.get("resize", "stretch")  # datasets before --resize were stretched
+    if resize not in RESIZE_MODES:
+        raise bad(f"'resize' must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
     columns = {**COLUMNS, **{k: v for k, v in OPTIONAL_COLUMNS.items() if k in h5}}
     n = None
     for name, (kind, shape) in columns.items():

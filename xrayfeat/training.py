@@ -696,7 +696,7 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
             "train": config.to_dict(),
             "precision": precision,  # what "auto" became on this machine
             "class_weights": weights,
-            "preprocess": {"size": info.size, "roi": info.roi,
+            "preprocess": {"size": info.size, "roi": info.roi, "resize": info.resize,
                            "roi_settings": _roi_settings(info.path)},
             "data": {"path": str(_final_path(data, out, final)), "sha256": file_sha256(data),
                      "splits": info.split_counts, "label_mode": info.label_mode},
