@@ -267,13 +267,16 @@ def test_prepare_examples_schema_and_content(tmp_path, examples_dir):
     assert leftovers(out.parent) == []
 
 
-def test_prepare_is_deterministic_across_worker_counts(tmp_path, class_folder):
+def test_prepare_is_deterministic_across_worker_counts_and_pools(tmp_path, class_folder):
     one = prepare_dataset(class_folder, tmp_path / "one.h5", workers=1, seed=3)
-    two = prepare_dataset(class_folder, tmp_path / "two.h5", workers=2, seed=3)
-    assert one.counts == two.counts
-    with h5py.File(one.out, "r") as a, h5py.File(two.out, "r") as b:
-        for name in SCHEMA:
-            np.testing.assert_array_equal(a[name][()], b[name][()])
+    for pool in ("thread", "process"):
+        two = prepare_dataset(class_folder, tmp_path / f"{pool}.h5", workers=2, seed=3,
+                              pool=pool)
+        assert one.counts == two.counts
+        with h5py.File(one.out, "r") as a, h5py.File(two.out, "r") as b:
+            for name in SCHEMA:
+                np.testing.assert_array_equal(a[name][()], b[name][()])
+            assert b["images"].compression == "gzip"  # readable by any HDF5 tool
 
 
 def test_prepare_synthetic_size_and_no_roi(tmp_path, class_folder):
@@ -489,3 +492,22 @@ def test_a_dataset_with_an_unknown_resize_attribute_is_refused(tmp_path, class_f
         h5.attrs["resize"] = "squash"
     with pytest.raises(DatasetError, match="'resize' must be one of"):
         open_dataset(out)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 42])
+def test_stratified_group_folds_equal_scikit_learns(seed):
+    """The split is written out (scikit-learn's import costs more than a small prepare);
+    it must cut exactly the folds scikit-learn's StratifiedGroupKFold cuts."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from xrayfeat.dataset import stratified_group_folds
+
+    rng = np.random.default_rng(seed)
+    groups = rng.integers(0, 90, 400).astype(str)
+    labels = (rng.random(400) < 0.7).astype(int) + (rng.random(400) < 0.1)  # 3 classes
+    ours = list(stratified_group_folds(labels, groups, 5, seed))
+    theirs = [test for _, test in StratifiedGroupKFold(5, shuffle=True, random_state=seed)
+              .split(np.zeros(400), labels, groups)]
+    assert len(ours) == len(theirs) == 5
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(a, b)

@@ -171,7 +171,8 @@ def test_a_killed_worker_costs_only_its_own_chunk(tmp_path, big_folder, big_fold
     the run notices at once, reruns the lost chunks, and finishes with every image."""
     out = tmp_path / "data.h5"
     logs = tmp_path / "logs"
-    proc = start(["prepare", str(big_folder), "--out", str(out), "--workers", "2"], logs)
+    proc = start(["prepare", str(big_folder), "--out", str(out), "--workers", "2", "--isolate"],
+                 logs)
     # Mid-run: a tenth of the dataset written, both workers busy with chunks in flight.
     wait_until(lambda: any(p.stat().st_size > big_folder_size // 10 for p in tmp_path.iterdir()
                            if p.name.startswith(".data.h5.") and ".tmp" in p.name), proc)

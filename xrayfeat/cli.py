@@ -215,7 +215,11 @@ def prepare(
                                                "patient is in two official splits."),
     overwrite: bool = typer.Option(False, help="Replace an existing output file."),
     strict: bool = typer.Option(False, help="Stop at the first unreadable file."),
-    workers: Optional[int] = typer.Option(None, help="Decoding processes (default: all cores)."),
+    workers: Optional[int] = typer.Option(None, help="Decoding threads or processes (default: "
+                                          "all cores)."),
+    isolate: bool = typer.Option(False, help="Decode in separate processes, so a decoder "
+                                 "crash or the out-of-memory killer costs one file, not the "
+                                 "run (slower to start, more memory): for untrusted files."),
 ) -> None:
     """Index, check, crop and resize a folder of radiographs into an HDF5 dataset.
 
@@ -233,7 +237,7 @@ def prepare(
             seed=seed, label_mode=labels, patient_regex=patient_regex,
             any_modality=any_modality, views=parse_views(views),
             allow_shared_patients=allow_shared_patients, overwrite=overwrite, strict=strict,
-            workers=workers, on_start=bar.start, on_progress=bar.advance,
+            workers=workers, pool="process" if isolate else "thread", on_start=bar.start, on_progress=bar.advance,
         )
     render_prepare(result)
 

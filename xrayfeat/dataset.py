@@ -30,8 +30,10 @@ import multiprocessing
 import os
 import re
 import time
+import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -56,6 +58,10 @@ MIN_VAL_IMAGES = 50
 LABEL_MODES = ("folders", "kermany-subtype")
 #: Rows buffered before one write per column: 64 images of 224 px are 3 MB.
 WRITE_BLOCK = 64
+#: gzip level of the stored images: level 1 is about as small as 6 on radiographs and
+#: several times cheaper. The decoders compress (xrayfeat.dataset.map_prepare), the writer
+#: only copies chunks in.
+DEFLATE_LEVEL = 1
 
 _PERSON = re.compile(r"person(\d+)_", re.IGNORECASE)
 _STUDY = re.compile(r"(?:^|-)IM-(\d+)-", re.IGNORECASE)
@@ -242,8 +248,61 @@ def grouped_split(
 ) -> np.ndarray:
     """Boolean mask of a validation split: about ``fraction`` of the images, stratified by
     class, with every patient wholly inside or outside it (no leakage)."""
-    from sklearn.model_selection import StratifiedGroupKFold
+    n_splits = _validation_folds(labels, groups, fraction, class_names)
+    labels = np.asarray(labels)
+    classes = set(labels.tolist())
+    for val_index in stratified_group_folds(labels, np.asarray(groups), n_splits, seed):
+        mask = np.zeros(len(labels), bool)
+        mask[val_index] = True
+        if set(labels[mask]) == classes == set(labels[~mask]):
+            break  # the first fold holding every class on both sides
+    return mask
 
+
+def stratified_group_folds(labels: np.ndarray, groups: np.ndarray, n_splits: int,
+                           seed: int) -> Iterator[np.ndarray]:
+    """The validation indices of each fold of scikit-learn's ``StratifiedGroupKFold(n_splits,
+    shuffle=True, random_state=seed)`` (its algorithm as of 1.6, tested equal to it).
+
+    Written out rather than imported for two measured reasons: importing scikit-learn
+    takes 1.2-2.6 s, more than preparing 150 radiographs on two cores; and a dataset's
+    validation split must not change when scikit-learn changes its implementation (its
+    shuffling was corrected in 1.6, which moved every seeded split). Each patient in turn
+    (most class-skewed first, ties in seeded random order) joins the fold where the
+    per-class shares across folds spread least, the smaller fold on a tie.
+    """
+    _, y_inv, y_cnt = np.unique(labels, return_inverse=True, return_counts=True)
+    _, groups_inv = np.unique(groups, return_inverse=True)
+    n_groups = int(groups_inv.max()) + 1
+    per_group = np.zeros((n_groups, len(y_cnt)))
+    np.add.at(per_group, (groups_inv, y_inv), 1)
+    perm = np.arange(n_groups)
+    np.random.RandomState(seed).shuffle(perm)
+    per_group = per_group[perm]
+    inv_perm = np.empty_like(perm)
+    inv_perm[perm] = np.arange(n_groups)
+    groups_inv = inv_perm[groups_inv]
+    per_fold = np.zeros((n_splits, len(y_cnt)))
+    fold_of_group = np.empty(n_groups, int)
+    for group in np.argsort(-np.std(per_group, axis=1), kind="stable"):
+        counts = per_group[group]
+        best, best_eval, best_size = None, np.inf, np.inf
+        for i in range(n_splits):
+            per_fold[i] += counts
+            spread = np.mean(np.std(per_fold / y_cnt.reshape(1, -1), axis=0))
+            per_fold[i] -= counts
+            size = np.sum(per_fold[i])
+            if spread < best_eval or (np.isclose(spread, best_eval) and size < best_size):
+                best, best_eval, best_size = i, spread, size
+        per_fold[best] += counts
+        fold_of_group[group] = best
+    fold_of_image = fold_of_group[groups_inv]
+    for i in range(n_splits):
+        yield np.flatnonzero(fold_of_image == i)
+
+
+def _validation_folds(labels, groups, fraction: float, class_names=None) -> int:
+    """How many folds :func:`grouped_split` cuts; a one-line error when it cannot cut any."""
     if not 0 < fraction < 1:
         raise UsageError(f"--val-fraction must be between 0 and 1, got {fraction}")
     labels = np.asarray(labels)
@@ -258,15 +317,7 @@ def grouped_split(
                          "give a val/ folder")
     # Small folders: fewer folds than 1 / fraction, so every class can appear in each fold
     # (a larger validation share, rather than scikit-learn's error).
-    n_splits = min(max(2, round(1 / fraction)), fewest)
-    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    classes = set(labels.tolist())
-    for train_index, val_index in splitter.split(np.zeros(len(labels)), labels, groups):
-        if set(labels[val_index]) == classes == set(labels[train_index]):
-            break  # the first fold holding every class on both sides
-    mask = np.zeros(len(labels), bool)
-    mask[val_index] = True
-    return mask
+    return min(max(2, round(1 / fraction)), fewest)
 
 
 def assign_splits(
@@ -277,30 +328,51 @@ def assign_splits(
     Official split folders are kept; when there is no val split, or one under
     ``MIN_VAL_IMAGES`` images, its images join train and val is cut from train by patient.
     """
-    splits = [f.split or "train" for f in files]
-    n_val = splits.count("val")
-    if n_val >= MIN_VAL_IMAGES:
+    splits, train_idx, labels, groups = _train_pool(files, classes)
+    if train_idx is None:
         return splits, False
-    splits = ["train" if s == "val" else s for s in splits]
-    train_idx = np.array([i for i, s in enumerate(splits) if s == "train"])
-    index = {c: i for i, c in enumerate(classes)}
-    labels = np.array([index[files[i].class_name] for i in train_idx])
-    groups = [files[i].patient for i in train_idx]
     val_mask = grouped_split(labels, groups, val_fraction, seed, class_names=classes)
     for i in train_idx[val_mask]:
         splits[i] = "val"
     return splits, True
 
 
-def _prepare_worker(args: tuple[int, str, PreprocessSettings]):
-    """Runs in a worker process: decode and prepare one file; errors come back as text."""
-    index, path, settings = args
+def check_splits_possible(files: Sequence[LabelledFile], classes: Sequence[str],
+                          val_fraction: float) -> None:
+    """Raise at once the error :func:`assign_splits` would raise (it runs in the background
+    while images decode, and would otherwise report it only at the end)."""
+    _, train_idx, labels, groups = _train_pool(files, classes)
+    if train_idx is not None:
+        _validation_folds(labels, groups, val_fraction, class_names=classes)
+
+
+def _train_pool(files, classes):
+    """``(splits, train indices, their labels, their patients)``; the last three are
+    ``None`` when an official val split of ``MIN_VAL_IMAGES`` or more is kept."""
+    splits = [f.split or "train" for f in files]
+    if splits.count("val") >= MIN_VAL_IMAGES:
+        return splits, None, None, None
+    splits = ["train" if s == "val" else s for s in splits]
+    train_idx = np.array([i for i, s in enumerate(splits) if s == "train"])
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index[files[i].class_name] for i in train_idx])
+    groups = np.asarray([files[i].patient for i in train_idx])
+    return splits, train_idx, labels, groups
+
+
+def _prepare_worker(args: tuple[int, str, PreprocessSettings, int | None]):
+    """Runs in a worker: decode and prepare one file (and deflate the image at
+    ``deflate_level``, when given); errors come back as text."""
+    index, path, settings, deflate_level = args
     try:
         prepared = prepare_file(path, settings)
     except XrayfeatError as exc:
         return index, None, str(exc)
     except Exception as exc:  # a decoder bug on one hostile file must not stop the run
         return index, None, f"unreadable: {type(exc).__name__}: {exc}"
+    if deflate_level is not None:
+        prepared = replace(prepared, deflated=zlib.compress(prepared.image.tobytes(),
+                                                            deflate_level))
     return index, prepared, None
 
 
@@ -324,12 +396,35 @@ def _init_pool_worker() -> None:
 WORKER_DIED = "the decoding process died on this file (a decoder crash, or killed)"
 
 
-def _executor(workers: int):
-    from concurrent.futures import ProcessPoolExecutor
+#: Where decoding runs (``map_prepare``'s ``pool``): ``process`` isolates each decoder in
+#: a spawned process, so a decoder crash or the out-of-memory killer costs one chunk;
+#: ``thread`` decodes in threads of this process (OpenCV releases the GIL), which starts
+#: at once. BENCHMARKS.md "Prepare" has the measurement behind the default.
+POOLS = ("process", "thread")
 
+
+def _executor(workers: int, pool: str = "process"):
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    if pool == "thread":
+        return ThreadPoolExecutor(workers, thread_name_prefix="xrayfeat-decode")
     # Spawned, not forked: safe after TensorFlow has started its threads.
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_pool_worker)
+
+
+@contextlib.contextmanager
+def _opencv_threads(n: int):
+    """OpenCV's own thread count, set for a block and restored: decoding threads of ours
+    each running OpenCV's parallel loops would oversubscribe the cores."""
+    import cv2
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(n)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
 
 
 def _retry_alone(chunk: list) -> list:
@@ -341,14 +436,14 @@ def _retry_alone(chunk: list) -> list:
     try:
         return executor.submit(_prepare_chunk, chunk).result()
     except BrokenProcessPool:
-        return [(index, None, WORKER_DIED) for index, _, _ in chunk]
+        return [(task[0], None, WORKER_DIED) for task in chunk]
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
 
 
 def map_prepare(
     paths: Sequence[str], settings: PreprocessSettings, workers: int | None = None,
-    chunksize: int = 8,
+    chunksize: int = 8, pool: str = "process", deflate_level: int | None = None,
 ) -> Iterator[tuple[int, object, str | None]]:
     """Prepare files on all cores, yielding ``(index, PreparedImage | None, error)`` in order.
 
@@ -356,14 +451,27 @@ def map_prepare(
     with the number of files. A worker that dies (``kill -9``, the out-of-memory killer, a
     decoder crash) costs only the chunks in flight: the pool notices at once
     (concurrent.futures marks it broken), each lost chunk runs again alone, and a chunk
-    that kills its process twice becomes error rows.
+    that kills its process twice becomes error rows. ``pool`` is one of :data:`POOLS`;
+    with ``thread`` nothing is isolated (a crash is the whole command's). With
+    ``deflate_level``, each image also comes back zlib-compressed (``deflated``), so the
+    HDF5 writer's compression runs on every core instead of the writer's one.
     """
-    from concurrent.futures.process import BrokenProcessPool
-
+    if pool not in POOLS:
+        raise UsageError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
     if workers is not None and workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
+    if pool == "thread" and (workers or 2) > 1:
+        with _opencv_threads(1):
+            yield from _map_prepare(paths, settings, workers, chunksize, pool, deflate_level)
+        return
+    yield from _map_prepare(paths, settings, workers, chunksize, pool, deflate_level)
+
+
+def _map_prepare(paths, settings, workers, chunksize, pool, deflate_level):
+    from concurrent.futures.process import BrokenProcessPool
+
     workers = workers or os.cpu_count() or 1
-    tasks = ((i, str(p), settings) for i, p in enumerate(paths))
+    tasks = ((i, str(p), settings, deflate_level) for i, p in enumerate(paths))
     if workers == 1:
         _init_worker()
         yield from map(_prepare_worker, tasks)
@@ -371,7 +479,7 @@ def map_prepare(
     # A window of 2 chunks a worker, refilled as each is read: workers never run far
     # ahead of a slower consumer (the HDF5 writer), so memory is bounded.
     chunks = iter(lambda: list(itertools.islice(tasks, chunksize)), [])
-    executor = _executor(workers)
+    executor = _executor(workers, pool)
     window: collections.deque = collections.deque()
 
     def refill() -> None:
@@ -396,7 +504,7 @@ def map_prepare(
                 executor.shutdown(wait=False, cancel_futures=True)
                 for retried in map(_retry_alone, lost):
                     yield from retried
-                executor = _executor(workers)
+                executor = _executor(workers, pool)
                 refill()
                 continue
             refill()
@@ -416,7 +524,7 @@ def map_prepare(
                 process.kill()  # stuck on one file for a minute: no public API but kill
 
 
-def _prepare_chunk(chunk: list[tuple[int, str, PreprocessSettings]]):
+def _prepare_chunk(chunk: list[tuple[int, str, PreprocessSettings, int | None]]):
     return [_prepare_worker(task) for task in chunk]
 
 
@@ -436,6 +544,7 @@ def prepare_dataset(
     overwrite: bool = False,
     strict: bool = False,
     workers: int | None = None,
+    pool: str = "thread",
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> PrepareResult:
@@ -447,7 +556,9 @@ def prepare_dataset(
     whose view is not one of them. A patient known by identity (DICOM, table, regex) in two
     official splits is refused unless ``allow_shared_patients``. ``out`` appears only when
     complete; an existing ``out`` is refused unless ``overwrite``, and is replaced only at
-    the very end, so an interrupted run leaves it as it was.
+    the very end, so an interrupted run leaves it as it was. Files decode in threads
+    (``pool="thread"``, measured faster to start and leaner) or, with ``pool="process"``,
+    in worker processes that isolate a crashing decoder (see :data:`POOLS`).
     """
     started = time.perf_counter()
     out = Path(out)
@@ -466,7 +577,12 @@ def prepare_dataset(
     if not files:
         raise DatasetError(f"every file in {src} was refused: {refused[0][1]}")
     notes = check_shared_patients(files, allow_shared_patients, MIN_VAL_IMAGES)
-    splits, val_cut = assign_splits(files, classes, val_fraction, seed)
+    # The validation cut needs scikit-learn, whose import alone takes 1-2 s: it runs in a
+    # thread while the images decode, and the split column is written last.
+    check_splits_possible(files, classes, val_fraction)
+    split_thread = ThreadPoolExecutor(1, thread_name_prefix="xrayfeat-split")
+    split_job = split_thread.submit(assign_splits, files, classes, val_fraction, seed)
+    split_thread.shutdown(wait=False)
     label_of = {c: i for i, c in enumerate(classes)}
     if on_start:
         on_start(len(files))
@@ -484,13 +600,12 @@ def prepare_dataset(
 
         images = h5.create_dataset(
             "images", shape=(0, size, size), maxshape=(n_max, size, size), dtype=np.uint8,
-            chunks=(1, size, size), compression="gzip", compression_opts=1, shuffle=False,  # level 1: ~as small, far cheaper
-            rdcc_nbytes=1,  # chunks are written once: cache none (0 would mean the default)
+            chunks=(1, size, size), compression="gzip", compression_opts=DEFLATE_LEVEL,
+            shuffle=False, rdcc_nbytes=1,  # chunks are written once: cache none (0 would mean the default)
         )
         columns = {
             "images": images,
             "labels": column("labels", (), np.int32),
-            "split": column("split", (), text),
             "path": column("path", (), text),
             "patient": column("patient", (), text),
             "roi": column("roi", (4,), np.int32),
@@ -501,6 +616,7 @@ def prepare_dataset(
         # block instead of seven per image keeps the writer off the decoders' cores.
         block: dict[str, list] = {name: [] for name in columns}
         n = 0
+        kept: list[int] = []  # file index of every row written
 
         def flush() -> None:
             nonlocal n
@@ -509,12 +625,17 @@ def prepare_dataset(
                 return
             for name, ds in columns.items():
                 ds.resize(n + count, axis=0)
-                ds[n : n + count] = np.asarray(block[name], dtype=object if ds.dtype == text
-                                               else ds.dtype)
+                if name == "images":  # one image a chunk, deflated by the decoders already
+                    for row, deflated in enumerate(block[name], start=n):
+                        ds.id.write_direct_chunk((row, 0, 0), deflated)
+                else:
+                    ds[n : n + count] = np.asarray(block[name], dtype=object if ds.dtype == text
+                                                   else ds.dtype)
                 block[name].clear()
             n += count
 
-        for index, prepared, error in map_prepare([f.path for f in files], settings, workers):
+        for index, prepared, error in map_prepare([f.path for f in files], settings, workers,
+                                                       pool=pool, deflate_level=DEFLATE_LEVEL):
             if on_progress:
                 on_progress(1)
             f = files[index]
@@ -525,18 +646,23 @@ def prepare_dataset(
                     raise stop
                 skipped.append((str(f.path), error))
                 continue
-            for name, value in (("images", prepared.image), ("labels", label_of[f.class_name]),
-                                ("split", splits[index]), ("path", str(f.path)),
+            kept.append(index)
+            for name, value in (("images", prepared.deflated), ("labels", label_of[f.class_name]),
+                                ("path", str(f.path)),
                                 ("patient", f.patient), ("roi", prepared.roi.as_tuple()),
                                 ("source_shape", prepared.source_shape),
                                 *((c, f.meta.get(c, "")) for c in META_COLUMNS)):
                 block[name].append(value)
-            counts.setdefault(splits[index], Counter())[f.class_name] += 1
             if len(block["labels"]) == WRITE_BLOCK:
                 flush()
         flush()
         if n == 0:
             raise DatasetError(f"none of the {len(files)} files in {src} could be read")
+        splits, val_cut = split_job.result()
+        h5.create_dataset("split", data=np.array([splits[i] for i in kept], dtype=object),
+                          dtype=text, chunks=(min(n, 256),))
+        for index in kept:
+            counts.setdefault(splits[index], Counter())[files[index].class_name] += 1
         h5.attrs["classes"] = json.dumps(classes)
         h5.attrs["size"] = size
         h5.attrs["roi"] = settings.roi

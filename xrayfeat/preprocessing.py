@@ -43,6 +43,7 @@ class PreparedImage:
     image: np.ndarray  # (size, size) uint8
     roi: Roi  # crop box in source pixel coordinates
     source_shape: tuple[int, int]  # (height, width) of the original file
+    deflated: bytes | None = None  # the image zlib-compressed, when the caller asked for it
 
 
 def prepare_array(
