@@ -614,3 +614,108 @@ def test_a_model_whose_input_differs_from_its_config_is_one_line(trained_run, ex
     result = runner.invoke(app, ["predict", str(run), str(examples_dir / "val"), "--workers", "1"])
     assert result.exit_code == 2
     assert "the run is inconsistent" in one_error_line(result)
+
+
+# --------------------------------------------------------------------------- memory while refusing
+
+BUDGET = 8_000_000  # pixels: a uint8 image at the budget is 8 MB
+
+_MEASURE = r"""
+import json, sys
+sys.path.insert(0, sys.argv[2])
+from xrayfeat.errors import ImageReadError
+from xrayfeat.imaging import read_radiograph
+
+def status(key):
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(key))
+
+for warm in sys.argv[3].split(","):  # codecs and pydicom's handlers loaded before measuring
+    read_radiograph(warm)
+out = {}
+for path in sys.argv[4:]:
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # the peak (VmHWM) restarts from the current size
+    before = status("VmRSS:")
+    try:
+        read_radiograph(path, max_pixels=int(sys.argv[1]))
+        error = None
+    except ImageReadError as exc:
+        error = str(exc)
+    out[path] = {"extra_kib": status("VmHWM:") - before, "error": error}
+print(json.dumps(out))
+"""
+
+
+def _over_budget_files(folder: Path, example: Path) -> dict[str, Path]:
+    """One file per way past the pixel budget that a header can hide."""
+    pytest.importorskip("pydicom")
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit
+
+    from conftest import dicom_dataset
+
+    files = {}
+    ihdr = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 0, 0, 0, 0)
+    files["png declaring 400 MP"] = folder / "bomb.png"
+    files["png declaring 400 MP"].write_bytes(
+        b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b"\0" * 100_000)) + _png_chunk(b"IEND", b""))
+    jpeg = bytearray(example.read_bytes())
+    sof = max(jpeg.find(bytes([0xFF, m])) for m in (0xC0, 0xC2))
+    jpeg[sof + 5 : sof + 9] = struct.pack(">HH", 9000, 9000)
+    files["jpeg declaring 81 MP"] = folder / "bomb.jpeg"
+    files["jpeg declaring 81 MP"].write_bytes(bytes(jpeg))
+    entries = [(256, 3, 1, 100), (257, 3, 1, 100), (256, 3, 1, 8000)]
+    ifd = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHIHH", tag, typ, count, value, 0) for tag, typ, count, value in entries)
+    files["tiff declaring its width twice"] = folder / "twice.tiff"
+    files["tiff declaring its width twice"].write_bytes(
+        b"II*\x00" + struct.pack("<I", 8) + ifd + b"\x00\x00\x00\x00" + b"\0" * 300_000)
+
+    def dicom(name: str, frames: int, side: int, pixels: bytes, syntax=None) -> None:
+        ds = dicom_dataset()
+        ds.Modality, ds.Rows, ds.Columns = "CR", side, side
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        if frames > 1:
+            ds.NumberOfFrames = frames
+        if syntax is not None:
+            ds.file_meta.TransferSyntaxUID = syntax
+        ds.PixelData = pixels
+        if syntax == JPEGBaseline8Bit:
+            ds["PixelData"].VR = "OB"
+        files[name] = folder / f"{len(files)}.dcm"
+        ds.save_as(files[name], enforce_file_format=True)
+
+    # 20 uncompressed frames of 1000 x 1000: a 20 MB file declaring 20 MP (reading it whole
+    # before looking at the header would already cost 2.5x the budget).
+    dicom("multi-frame dicom, 20 MP", 20, 1000, np.zeros(20 * 1000 * 1000, np.uint8).tobytes())
+    dicom("deflated dicom inflating to 16 MP", 1, 4000,
+          np.zeros(4000 * 4000, np.uint8).tobytes(), DeflatedExplicitVRLittleEndian)
+    ok, frame = cv2.imencode(".jpg", np.full((6000, 6000), 128, np.uint8))
+    dicom("dicom 64 x 64 holding a 36 MP jpeg", 1, 64, encapsulate([frame.tobytes()]),
+          JPEGBaseline8Bit)
+    return files
+
+
+def test_refusing_an_over_budget_file_peaks_under_twice_the_budget(tmp_path, example_images):
+    """Every over-budget file is refused from what it declares, before it is decoded or
+    inflated, and before more of it is read than its header: the extra peak memory of the
+    refusal stays under twice the budget's own size (measured in a fresh process)."""
+    files = _over_budget_files(tmp_path, example_images[0])
+    warm = [str(example_images[0]),
+            str(write_dicom_file(tmp_path / "warm.dcm", np.zeros((64, 64), np.uint16)))]
+    ok, png = cv2.imencode(".png", np.zeros((64, 64), np.uint8))
+    (tmp_path / "warm.png").write_bytes(png.tobytes())
+    warm.append(str(tmp_path / "warm.png"))
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(BUDGET), str(Path(__file__).parent.parent),
+         ",".join(warm), *map(str, files.values())],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, path in files.items():
+        result = measured[str(path)]
+        assert result["error"], f"{name} was not refused"
+        assert result["extra_kib"] * 1024 < 2 * BUDGET, (name, result)

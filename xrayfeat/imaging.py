@@ -350,7 +350,16 @@ def read_radiograph(
                                  f"is {limit / 1e6:.0f} MB for {max_pixels / 1e6:g} MP)")
         with os.fdopen(fd, "rb") as fh:
             fd = -1  # the file object owns it now
-            data = fh.read(limit + 1)
+            data = fh.read(HEADER_PREFIX)
+            if len(data) == HEADER_PREFIX:  # a larger file: check its size before reading it
+                try:
+                    header = read_header(data)
+                except ImageReadError:
+                    header = None  # the header is not all in the prefix: decide on the whole
+                if header is not None:
+                    _check_size(header, max_pixels)
+                fh.seek(0)
+                data = fh.read(limit + 1)
     except OSError as exc:
         raise ImageReadError(f"cannot read: {exc.strerror or exc}") from None
     finally:
@@ -359,6 +368,11 @@ def read_radiograph(
     if len(data) > limit:  # it grew while being read
         raise ImageReadError(f"file too large: over {limit / 1e6:.0f} MB")
     return decode_radiograph(data, max_pixels=max_pixels, target_size=target_size)
+
+
+#: Bytes read first to find a file's declared size: an uncompressed file far over the pixel
+#: budget (a multi-frame DICOM) is refused having read this much, not the whole file.
+HEADER_PREFIX = 256 * 1024
 
 
 def max_file_bytes(max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
