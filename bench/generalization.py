@@ -86,7 +86,7 @@ def threshold_methods(run: Path, data: Path, test_labels: np.ndarray,
     """test_dev at the threshold each method picks on the run's own validation scores
     (chosen on validation only; test_dev is only scored)."""
     from xrayfeat.dataset import load_split
-    from xrayfeat.evaluation import choose_threshold
+    from xrayfeat.thresholds import choose_threshold
     from xrayfeat.runs import load_run
     from xrayfeat.training import predict_local
 

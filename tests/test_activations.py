@@ -14,18 +14,12 @@ import cv2
 import numpy as np
 import pytest
 
-from xrayfeat import activations
-from xrayfeat.activations import (
-    ActivationModel,
-    _LayerSums,
-    class_contrast,
-    cohens_d,
-    gradcam_maps,
-    safe_stem,
-    unique_stems,
-    visualize_images,
-    write_gradcam_overlays,
-)
+from xrayfeat import filenames, visualize
+from xrayfeat.cams import gradcam_maps, write_gradcam_overlays
+from xrayfeat.contrast import _LayerSums, class_contrast, cohens_d
+from xrayfeat.filenames import safe_stem, unique_stems
+from xrayfeat.layers import ActivationModel
+from xrayfeat.visualize import visualize_images
 from xrayfeat.errors import DatasetError, ImageReadError, RunError, UsageError
 
 CONV_NAMES = ["block1_conv1", "block1_conv2", "block2_conv1", "block2_conv2"]
@@ -87,7 +81,7 @@ def test_safe_stem_cannot_escape(name, tmp_path):
     assert stem and "/" not in stem and "\\" not in stem and ".." not in stem
     assert not stem.startswith((".", "-"))
     assert all(ch.isprintable() and not ch.isspace() for ch in stem), repr(stem)
-    assert len(stem.encode("utf-8")) <= activations.MAX_STEM_BYTES
+    assert len(stem.encode("utf-8")) <= filenames.MAX_STEM_BYTES
     assert (tmp_path / stem).resolve().parent == tmp_path.resolve()
     assert stem.split(".")[0].upper() != "CON"
 
@@ -280,7 +274,7 @@ def test_one_forward_pass_per_batch(trained_run, test_images, tmp_path, monkeypa
             calls.append(len(images))
             return super().__call__(images)
 
-    monkeypatch.setattr(activations, "ActivationModel", Counting)
+    monkeypatch.setattr(visualize, "ActivationModel", Counting)
     images = [*test_images, test_images[0].parent / "IM-0676-0001.jpeg"]
     result = visualize_images(trained_run, images, tmp_path / "out", all_layers=True,
                               max_channels=2, batch_size=2)

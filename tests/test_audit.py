@@ -80,7 +80,7 @@ def test_audit_cli_on_a_trained_run_prints_one_json_object(trained_run, examples
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--split", "nope"], "no 'nope' images"),
+    (["--split", "nope"], "'nope' is not one of 'train', 'val', 'test'"),
     (["--limit", "0"], "--limit must be at least 1"),
 ])
 def test_audit_bad_arguments_are_one_line_errors(trained_run, examples_h5, args, message):

@@ -12,7 +12,7 @@ import pytest
 import typer.main
 from typer.testing import CliRunner
 
-from xrayfeat import __version__
+from xrayfeat.version import __version__
 from xrayfeat.cli import app
 
 runner = CliRunner()

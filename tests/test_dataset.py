@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from xrayfeat import __version__
+from xrayfeat.version import __version__
 from xrayfeat.dataset import (
     MIN_VAL_IMAGES,
     assign_splits,

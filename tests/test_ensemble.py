@@ -73,7 +73,7 @@ def test_every_command_reads_an_ensemble(ensemble_run, examples_h5, examples_dir
 
 
 def test_ensemble_gradcam_is_the_mean_of_its_members_maps(ensemble_run, examples_h5):
-    from xrayfeat.activations import cam_layers, gradcam_maps
+    from xrayfeat.cams import cam_layers, gradcam_maps
     from xrayfeat.dataset import load_split
     from xrayfeat.runs import load_run
 

@@ -194,7 +194,7 @@ def test_cli_probe_writes_table_json_and_figure(trained_run, examples_h5, tmp_pa
 @pytest.mark.parametrize("args, message", [
     (["--probe"], "--probe needs --data"),
     (["--pool", "max"], "add --probe"),
-    (["--probe", "--pool", "median", "--data", "x.h5"], "--pool must be avg or max"),
+    (["--probe", "--pool", "median", "--data", "x.h5"], "'median' is not one of 'avg', 'max'"),
 ])
 def test_cli_probe_usage_errors(trained_run, tmp_path, args, message):
     result = runner.invoke(app, ["visualize-layers", str(trained_run), "--out",

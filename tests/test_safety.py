@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from conftest import make_synthetic_xray, one_error_line
-from xrayfeat.activations import MAX_STEM_BYTES, _inside, safe_stem, unique_stems
+from xrayfeat.filenames import MAX_STEM_BYTES, inside, safe_stem, unique_stems
 from xrayfeat.cli import app
 from xrayfeat.errors import RunError
 from xrayfeat.runs import load_run
@@ -195,7 +195,7 @@ def test_file_names_from_any_input_path_stay_inside_the_output_folder(tmp_path_f
         for suffix in ("_gradcam.png", "_d4_block2_conv2.png", ""):
             name = stem + suffix
             assert len(name.encode()) <= 255
-            target = _inside(out, name)  # raises if the name would leave ``out``
+            target = inside(out, name)  # raises if the name would leave ``out``
             assert target.resolve().parent == out.resolve()
 
 

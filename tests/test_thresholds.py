@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xrayfeat.evaluation import choose_threshold, sensitivity_threshold, youden_threshold
+from xrayfeat.thresholds import choose_threshold, sensitivity_threshold, youden_threshold
 
 
 def test_sensitivity_threshold_is_the_highest_that_keeps_the_target():

@@ -27,6 +27,13 @@ import cv2
 import numpy as np
 
 from xrayfeat.atomic import prepare_out_dir, write_text
+from xrayfeat.csvout import csv_text
+from xrayfeat.dataset import load_split
+from xrayfeat.errors import UsageError
+from xrayfeat.figures import plot_audit
+from xrayfeat.metrics import decide, operating_threshold
+from xrayfeat.runs import open_run_on_split, write_json
+from xrayfeat.training import predict_local
 
 #: A transform maps one stored image (S, S) uint8 to another of the same shape.
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -183,11 +190,6 @@ def audit_run(
     under each nuisance transform; write ``audit.json``, ``audit.csv`` and ``audit.png``
     into ``out`` when given. ``limit`` takes every k-th image so that at most ``limit``
     are used (both classes kept in proportion)."""
-    from xrayfeat.dataset import load_split
-    from xrayfeat.errors import UsageError
-    from xrayfeat.prediction import decide
-    from xrayfeat.runs import open_run_on_split
-    from xrayfeat.training import predict_local
 
     run, info, _ = open_run_on_split(run_path, data, split)
     if limit is not None and limit < 1:
@@ -203,9 +205,7 @@ def audit_run(
         out_dir = prepare_out_dir(Path(out), overwrite)
     model = run.load_model()
     classes = run.classes
-    threshold = run.threshold if len(classes) == 2 else None
-    if len(classes) == 2 and threshold is None:
-        threshold = 0.5
+    threshold = operating_threshold(run.threshold) if len(classes) == 2 else None
 
     if on_start:
         on_start(len(transforms) + 1)
@@ -246,9 +246,6 @@ def audit_run(
 
 
 def _write_audit(out: Path, result: AuditResult) -> list[str]:
-    from xrayfeat.csvout import csv_text
-    from xrayfeat.figures import plot_audit
-    from xrayfeat.runs import write_json
 
     write_json(out / "audit.json", result.to_dict())
     write_text(out / "audit.csv", csv_text([r.to_dict() for r in result.rows],

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from xrayfeat.choices import (CLASS_WEIGHTS, COLOR_MODES, PRECISIONS, STRATEGIES,
+                              THRESHOLD_METHODS)
 from xrayfeat.errors import UsageError
 
 if sys.version_info >= (3, 11):
@@ -21,16 +23,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-#: ``auto`` resolves to one of the other two on the machine that trains (xrayfeat.model).
-PRECISIONS = ("auto", "float32", "bfloat16")
-COLOR_MODES = ("grayscale", "rgb")
-#: How ``train`` chooses a binary run's operating threshold on validation
-#: (xrayfeat.evaluation.choose_threshold). ``youden``: Youden's J on the validation split as
-#: it is; ``bootstrap``: the median of Youden thresholds over patient-grouped bootstrap
-#: resamples (cutpointr's approach: the optimum of a nearly separable split sits at the edge
-#: of a wide plateau and jumps between runs; the median over resamples sits inside it);
-#: ``sensitivity``: the highest threshold that keeps validation sensitivity >= a target.
-THRESHOLD_METHODS = ("youden", "bootstrap", "sensitivity")
 
 
 @dataclass
@@ -103,7 +95,7 @@ class TrainConfig:
             raise UsageError(f"--lr must be positive, got {self.lr}")
         if self.width <= 0:
             raise UsageError(f"--width must be positive, got {self.width}")
-        if self.class_weight not in ("balanced", "none"):
+        if self.class_weight not in CLASS_WEIGHTS:
             raise UsageError(f"--class-weight must be 'balanced' or 'none', got {self.class_weight!r}")
         if self.color_mode not in COLOR_MODES:
             raise UsageError(f"--color-mode must be grayscale or rgb, got {self.color_mode!r}")
@@ -119,7 +111,7 @@ class TrainConfig:
                              f"{self.threshold_sensitivity}")
         if not 0 < self.ema_momentum < 1:
             raise UsageError(f"ema_momentum must be between 0 and 1, got {self.ema_momentum}")
-        if self.strategy not in ("auto", "mirrored", "multi-worker"):
+        if self.strategy not in STRATEGIES:
             raise UsageError(
                 f"--strategy must be auto, mirrored or multi-worker, got {self.strategy!r}"
             )

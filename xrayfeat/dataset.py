@@ -40,13 +40,14 @@ from typing import Callable, Iterator, Sequence
 import h5py
 import numpy as np
 
-from xrayfeat import __version__
+from xrayfeat.version import __version__
 from xrayfeat.atomic import atomic_output, h5_writer, locks_output, remove_stale_temporaries
+from xrayfeat.choices import DECODE_POOLS, LABEL_MODES, RESIZE_MODES, SPLITS
 from xrayfeat.errors import (EXIT_FAILURES, DatasetError, ImageReadError, UsageError,
                              XrayfeatError)
 from xrayfeat.imaging import looks_like_image_path
-from xrayfeat.preprocessing import RESIZE_MODES, PreprocessSettings, prepare_file
-from xrayfeat.schema import MAX_STORED_SIZE, SPLITS, check_dataset, require_regular_file
+from xrayfeat.preprocessing import PreprocessSettings, prepare_file
+from xrayfeat.schema import MAX_STORED_SIZE, check_dataset, require_regular_file
 from xrayfeat.sources import (META_COLUMNS, check_shared_patients, compile_patient_regex,
                               dicom_identity, filter_files, read_labels_table)
 
@@ -55,7 +56,6 @@ from xrayfeat.sources import (META_COLUMNS, check_shared_patients, compile_patie
 DATASET_FORMAT = "xrayfeat-dataset/2"
 #: The official Kermany val split has 16 images; below this a validation split is cut from train.
 MIN_VAL_IMAGES = 50
-LABEL_MODES = ("folders", "kermany-subtype")
 #: Rows buffered before one write per column: 64 images of 224 px are 3 MB.
 WRITE_BLOCK = 64
 #: gzip level of the stored images: level 1 is about as small as 6 on radiographs and
@@ -396,11 +396,7 @@ def _init_pool_worker() -> None:
 WORKER_DIED = "the decoding process died on this file (a decoder crash, or killed)"
 
 
-#: Where decoding runs (``map_prepare``'s ``pool``): ``process`` isolates each decoder in
-#: a spawned process, so a decoder crash or the out-of-memory killer costs one chunk;
-#: ``thread`` decodes in threads of this process (OpenCV releases the GIL), which starts
-#: at once. BENCHMARKS.md "Prepare" has the measurement behind the default.
-POOLS = ("process", "thread")
+POOLS = DECODE_POOLS  # see xrayfeat.choices
 
 
 def _executor(workers: int, pool: str = "process"):

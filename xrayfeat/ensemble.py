@@ -22,12 +22,18 @@ from pathlib import Path
 from typing import Any
 
 
+from xrayfeat.atomic import atomic_output
+from xrayfeat.choices import THRESHOLD_METHODS
+from xrayfeat.dataset import load_split, open_dataset
 from xrayfeat.errors import DatasetError, UsageError
+from xrayfeat.metrics import evaluate_predictions
+from xrayfeat.thresholds import choose_threshold
+from xrayfeat.runs import CONFIG_FILE, MODEL_FILE, VALIDATION_FILE, load_run, write_json
+from xrayfeat.training import file_sha256, predict_local, val_auc
 
 @dataclass
 class EnsembleResult:
     """What ``ensemble`` returns to the CLI."""
-
     run: Path
     members: list[str]
     threshold: float | None
@@ -41,8 +47,6 @@ class EnsembleResult:
 
 def _data_of(runs, data: Path | None) -> Path:
     """The prepared dataset every member was trained on (checked by SHA-256)."""
-    from xrayfeat.training import file_sha256
-
     hashes = {r.config.get("data", {}).get("sha256") for r in runs}
     if len(hashes) != 1 or None in hashes:
         raise DatasetError("the members were trained on different data; ensemble runs trained "
@@ -66,14 +70,7 @@ def ensemble_runs(
 ) -> EnsembleResult:
     """Average trained runs into a new run directory ``out`` and choose its threshold on
     the validation split they share."""
-    from xrayfeat.atomic import atomic_output
-    from xrayfeat.config import THRESHOLD_METHODS
-    from xrayfeat.dataset import load_split, open_dataset
-    from xrayfeat.evaluation import choose_threshold, evaluate_predictions
     from xrayfeat.model import build_ensemble
-    from xrayfeat.runs import (CONFIG_FILE, MODEL_FILE, VALIDATION_FILE, load_run,
-                               write_json)
-    from xrayfeat.training import file_sha256, predict_local, val_auc
 
     started = time.perf_counter()
     out = Path(out)

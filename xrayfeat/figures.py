@@ -28,7 +28,9 @@ from sklearn.metrics import (  # noqa: E402
     roc_curve,
 )
 
-from xrayfeat.evaluation import expected_calibration_error, reliability_curve  # noqa: E402
+from xrayfeat.atomic import atomic_output
+from xrayfeat.errors import UsageError
+from xrayfeat.metrics import expected_calibration_error, reliability_curve
 
 __all__ = [
     "atomic_savefig",
@@ -58,7 +60,6 @@ def atomic_savefig(fig: Figure, path: str | os.PathLike[str], *, close: bool = T
     none); extra ``kwargs`` go to ``fig.savefig``. The figure is closed afterwards
     unless ``close=False``, since pyplot keeps every open figure alive.
     """
-    from xrayfeat.atomic import atomic_output
 
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"
@@ -722,3 +723,11 @@ def plot_audit(rows: Sequence[Any], classes: Sequence[str], score: str,
     ax.legend(title="true class", fontsize=8, title_fontsize=8, loc="lower right")
     ax.set_title("How predictions move under nuisance transforms", fontsize=10)
     return atomic_savefig(fig, path)
+
+
+def check_cmap(cmap: str) -> None:
+    import matplotlib
+
+    if cmap not in matplotlib.colormaps:
+        raise UsageError(f"unknown colormap {cmap!r}; try viridis, magma, gray or inferno "
+                         "(any matplotlib colormap name)")

@@ -20,7 +20,7 @@ from typing import Any
 import keras
 from keras import layers
 
-from xrayfeat.config import COLOR_MODES
+from xrayfeat.choices import COLOR_MODES
 from xrayfeat.errors import RunError
 
 #: Names of the convolutional layers, shallow to deep (width does not change them).

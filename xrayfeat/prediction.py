@@ -26,19 +26,22 @@ from typing import Callable, Iterable, Iterator, Sequence, TextIO
 import numpy as np
 
 from xrayfeat.atomic import atomic_output, locks_output, remove_stale_temporaries
+from xrayfeat.cams import write_gradcam_overlays
+from xrayfeat.choices import FORMATS
 from xrayfeat.csvout import csv_text, read_cell
 from xrayfeat.dataset import iter_image_files, map_prepare
-from xrayfeat.errors import RunError, UsageError
+from xrayfeat.errors import UsageError
+from xrayfeat.filenames import unique_stems
 from xrayfeat.imaging import looks_like_image_path
+from xrayfeat.metrics import NOT_A_NUMBER, decide, operating_threshold
 from xrayfeat.runs import Run, load_run
+from xrayfeat.tta import check_views, predict_batch
 
-FORMATS = ("csv", "jsonl", "json")
 
 
 @dataclass
 class PredictSummary:
     """Counts of a prediction run, for the CLI's summary."""
-
     out: Path | None
     total: int  # files in this shard
     predicted: int
@@ -112,23 +115,6 @@ def columns(classes: Sequence[str]) -> list[str]:
             + ["threshold", "roi_x0", "roi_y0", "roi_x1", "roi_y1", "error"])
 
 
-def decide(probs: np.ndarray, classes: Sequence[str], threshold: float | None):
-    """Predicted label indices and the reported probability for each row.
-
-    Binary runs compare the positive-class probability with the threshold; N > 2 take the
-    argmax and report the probability of the predicted class. A probability that is not a
-    number is a :class:`RunError` (``nan >= threshold`` is False: it would read as the
-    negative class); ``predict_files`` turns such images into error rows first.
-    """
-    if not np.isfinite(probs).all():
-        raise RunError(NOT_A_NUMBER)
-    if len(classes) == 2:
-        positive = probs[:, 1]
-        return (positive >= threshold).astype(int), positive
-    labels = probs.argmax(axis=1)
-    return labels, probs[np.arange(len(labels)), labels]
-
-
 def _read_done(out: Path, fmt: str) -> set[str]:
     """Paths already predicted in an existing output; a torn last line is cut off."""
     if not out.exists():
@@ -146,7 +132,18 @@ def _read_done(out: Path, fmt: str) -> set[str]:
     return {read_cell(row["path"]) for row in csv.DictReader(io.StringIO(text))}
 
 
+#: Digits of the probabilities written out. Rows keep the exact values: evaluate scores
+#: and decides on those (rounded ones moved an image across a threshold it sat on).
+WRITTEN_DIGITS = 6
+
+
+def _written(row: dict) -> dict:
+    return {k: round(v, WRITTEN_DIGITS) if isinstance(v, float) and
+            (k == "probability" or k.startswith("prob_")) else v for k, v in row.items()}
+
+
 def _format_rows(rows: list[dict], names: list[str], fmt: str, header: bool) -> str:
+    rows = [_written(r) for r in rows]
     if fmt == "jsonl":
         return "".join(json.dumps(r) + "\n" for r in rows)
     return csv_text(rows, names, header=header)
@@ -154,7 +151,6 @@ def _format_rows(rows: list[dict], names: list[str], fmt: str, header: bool) -> 
 
 class _StreamWriter:
     """Rows to an open text stream (stdout), in the output format, as they come."""
-
     def __init__(self, stream: TextIO, fmt: str, names: list[str]):
         self.stream, self.fmt, self.names = stream, fmt, names
         self.rows_json: list[dict] = []
@@ -174,7 +170,7 @@ class _StreamWriter:
 
     def write(self, rows: list[dict]) -> None:
         if self.fmt == "json":
-            self.rows_json.extend(rows)
+            self.rows_json.extend(_written(r) for r in rows)
         else:
             self._write(_format_rows(rows, self.names, self.fmt, header=False))
 
@@ -185,7 +181,6 @@ class _StreamWriter:
 
 class _Writer:
     """Rows to CSV / JSON Lines / JSON: atomic, or an append-only journal (skip_done)."""
-
     def __init__(self, out: Path, fmt: str, names: list[str], journal: bool):
         self.out, self.fmt, self.names, self.journal = out, fmt, names, journal
         self.rows_json: list[dict] = []
@@ -223,7 +218,7 @@ class _Writer:
 
     def write(self, rows: list[dict]) -> None:
         if self.fmt == "json":
-            self.rows_json.extend(rows)
+            self.rows_json.extend(_written(r) for r in rows)
         else:
             self._write(_format_rows(rows, self.names, self.fmt, header=False))
 
@@ -248,10 +243,6 @@ class _Writer:
         return False
 
 
-#: The error row of an image the model scored as NaN or infinity (damaged weights).
-NOT_A_NUMBER = "the model's output is not a number (NaN or infinite): its weights are damaged"
-
-
 def predict_files(
     run: Run | str | os.PathLike,
     paths: Sequence[Path],
@@ -269,20 +260,17 @@ def predict_files(
     probabilities. This is the library entry point ``predict`` and ``evaluate`` share.
     ``tta`` > 1 averages the probabilities over that many fixed views (xrayfeat.tta).
     """
-    from xrayfeat.tta import check_views, predict_batch
 
     check_views(tta)
     run = run if isinstance(run, Run) else load_run(run)
     classes = run.classes
     threshold = run.threshold if threshold is None else threshold
-    if len(classes) == 2 and threshold is None:
-        threshold = 0.5
+    if len(classes) == 2:
+        threshold = operating_threshold(threshold)  # the value each row reports
     model = run.load_model()
     settings = run.preprocess
     stems = None
     if gradcam_dir is not None:
-        from xrayfeat.activations import unique_stems, write_gradcam_overlays
-
         stems = unique_stems(paths)  # unique over all inputs, not just one batch
 
     def flush(batch: list[tuple[int, Path, object, str | None]]) -> list[dict]:
@@ -308,8 +296,8 @@ def predict_files(
         for _, path, prep, err in batch:
             row = {"path": str(path)}
             if err is None:
-                row.update(label=classes[labels[k]], probability=round(float(reported[k]), 6))
-                row.update({f"prob_{c}": round(float(probs[k, j]), 6) for j, c in enumerate(classes)})
+                row.update(label=classes[labels[k]], probability=float(reported[k]))
+                row.update({f"prob_{c}": float(probs[k, j]) for j, c in enumerate(classes)})
                 row.update(threshold=threshold, roi_x0=prep.roi.x0, roi_y0=prep.roi.y0,
                            roi_x1=prep.roi.x1, roi_y1=prep.roi.y1, error="")
                 k += 1
@@ -354,7 +342,6 @@ def predict(
     Rows go to the file ``out``, else to the text ``stream`` (all of them, in ``fmt``), else
     the first ``keep_rows`` come back in the summary.
     """
-    from xrayfeat.tta import check_views
 
     started = time.perf_counter()
     run = load_run(run_path)

@@ -17,12 +17,11 @@ import numpy as np
 from xrayfeat.imaging import DEFAULT_MAX_PIXELS, read_radiograph
 from xrayfeat.roi import Roi, RoiSettings, find_roi
 
-#: How a crop that is not square becomes the stored square. ``stretch`` scales each side
-#: on its own (the Kermany release and most recipes do this); ``pad`` keeps the aspect
-#: ratio and letterboxes the short side with the crop's own background (the median of its
-#: outermost pixels, so no artificial black edge appears: `xrayfeat audit` measures a black
-#: frame as one of the default model's shortcuts).
-RESIZE_MODES = ("stretch", "pad")
+# How a crop that is not square becomes the stored square (choices.RESIZE_MODES):
+# ``stretch`` scales each side on its own (the Kermany release and most recipes do this);
+# ``pad`` keeps the aspect ratio and letterboxes the short side with the crop's own
+# background (the median of its outermost pixels, so no artificial black edge appears:
+# `xrayfeat audit` measures a black frame as one of the default model's shortcuts).
 
 
 @dataclass(frozen=True)

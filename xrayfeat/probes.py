@@ -55,9 +55,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from xrayfeat.atomic import prepare_out_dir
+from xrayfeat.choices import PROBE_POOLS
+from xrayfeat.dataset import iter_split, load_split
 from xrayfeat.errors import DatasetError, RunError, UsageError
+from xrayfeat.figures import plot_probe_auc
+from xrayfeat.layers import ActivationModel
+from xrayfeat.runs import open_run_on_split, write_json
 
-POOLS = ("avg", "max")
+POOLS = PROBE_POOLS  # see xrayfeat.choices
 DEFAULT_FOLDS = 5  # the usual 5-fold CV; fewer when the split has fewer patients a class
 MIN_FOLDS = 2
 DEFAULT_SEED = 42  # folds and the random-weights baseline are the same on every call
@@ -76,7 +82,6 @@ _INPUT_KINDS = ("InputLayer", "Resizing", "Rescaling", "Normalization", "CenterC
 @dataclass(frozen=True)
 class ProbeLayer:
     """One layer whose output is probed."""
-
     name: str
     kind: str  # "input", "conv", "activation", "pooling", "dense" or "output"
     depth: int  # Conv2D and Dense layers up to and including this one; 0 = the input image
@@ -171,27 +176,9 @@ def feature_size(shape: Sequence[int], grid: int = 1) -> int:
 
 # --------------------------------------------------------------------------- features
 
-class _Extractor:
-    """Every probed layer of one network from a single forward pass per batch."""
-
-    def __init__(self, model, names: Sequence[str]):
-        import keras
-
-        self.names = list(names)
-        outputs = [model.get_layer(n).output for n in self.names]
-        self.model = keras.Model(model.inputs, outputs, name="xrayfeat_probes")
-
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        outputs = self.model.predict_on_batch(np.asarray(images, dtype=np.float32))
-        if not isinstance(outputs, (list, tuple)):
-            outputs = [outputs]
-        return {n: np.asarray(o) for n, o in zip(self.names, outputs)}
-
-
 @dataclass
 class Features:
     """Pooled features of one split: ``features[network][layer]`` is (n, f) float32."""
-
     labels: np.ndarray  # (n,) int
     patients: np.ndarray  # (n,) str
     features: dict[str, dict[str, np.ndarray]]
@@ -213,7 +200,6 @@ def extract_features(
 
     A layer missing from a network is skipped for that network.
     """
-    from xrayfeat.dataset import iter_split, load_split
 
     meta = load_split(Path(data), split, with_images=False)
     n = len(meta.labels)
@@ -221,7 +207,7 @@ def extract_features(
     for key, model in models.items():
         present = {layer.name for layer in model.layers}
         names = [p.name for p in layers if p.name in present]
-        extractors[key] = _Extractor(model, names)
+        extractors[key] = ActivationModel(model, names)
         store[key] = {p.name: np.empty((n, feature_size(p.shape, grid)), np.float32)
                       for p in layers if p.name in present}
     labels = np.empty(n, np.int64)
@@ -230,7 +216,7 @@ def extract_features(
         x = images[..., None].astype(np.float32)
         b = len(batch_labels)
         for key, extractor in extractors.items():
-            for name, acts in extractor(x).items():
+            for name, acts in extractor(x)[0].items():
                 store[key][name][done : done + b] = pool_features(acts, pool, grid)
         labels[done : done + b] = batch_labels
         done += b
@@ -371,7 +357,6 @@ def random_baseline(model, seed: int = DEFAULT_SEED):
 @dataclass
 class ProbeRow:
     """The probes of one layer."""
-
     layer: str
     kind: str
     depth: int
@@ -387,7 +372,6 @@ class ProbeRow:
 @dataclass
 class ProbeResult:
     """What :func:`depth_probes` wrote."""
-
     out: Path
     summary: Path  # probes.json
     figure: Path  # probes.png
@@ -456,9 +440,6 @@ def depth_probes(
     depth). ``on_start(images)``/``on_progress(n)`` follow the streaming,
     ``on_fit_start(layers)``/``on_fit(1)`` the probe fits.
     """
-    from xrayfeat.atomic import prepare_out_dir
-    from xrayfeat.figures import plot_probe_auc
-    from xrayfeat.runs import open_run_on_split, write_json
 
     started = time.perf_counter()
     out = Path(out)

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from xrayfeat.atomic import write_text
-from xrayfeat.errors import RunError
-from xrayfeat.preprocessing import RESIZE_MODES, PreprocessSettings
+from xrayfeat.dataset import open_dataset
+from xrayfeat.errors import DatasetError, RunError, UsageError
+from xrayfeat.choices import RESIZE_MODES
+from xrayfeat.preprocessing import PreprocessSettings
 from xrayfeat.roi import RoiSettings
 
 RUN_FORMAT = "xrayfeat-run/1"
@@ -61,7 +63,6 @@ def read_json(path: Path) -> Any:
 @dataclass
 class Run:
     """A trained run, as loaded from its directory."""
-
     path: Path
     config: dict  # the whole config.json
     validation: dict  # validation.json (threshold and metrics); {} if training never finished
@@ -204,7 +205,6 @@ def check_dataset_matches(run: Run, info) -> None:
     ignoring case) and the stored image size must equal the run's, since the model's input
     is the stored image.
     """
-    from xrayfeat.errors import DatasetError, UsageError
 
     if [c.casefold() for c in info.classes] != [c.casefold() for c in run.classes]:
         raise DatasetError(f"classes differ: {info.path} has {', '.join(info.classes)} but "
@@ -221,7 +221,6 @@ def open_run_on_split(run_path: str | os.PathLike, data: str | os.PathLike, spli
     Returns ``(run, info, n)`` with ``n`` the split's image count; one-line errors for a
     missing run, a file that is not a dataset, an empty split or mismatched classes/size.
     """
-    from xrayfeat.dataset import open_dataset
 
     run = load_run(run_path)
     info = open_dataset(data)

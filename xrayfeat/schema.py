@@ -17,10 +17,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from xrayfeat.choices import RESIZE_MODES, SPLITS
 from xrayfeat.errors import DatasetError, UsageError
-from xrayfeat.preprocessing import RESIZE_MODES
 
-SPLITS = ("train", "val", "test")
 #: The largest stored side a dataset may have (runs.py checks a run's the same way).
 MAX_STORED_SIZE = 4096
 #: Columns every dataset has: (dtype kind, shape after N); "S" = any string.

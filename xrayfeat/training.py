@@ -32,23 +32,26 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from xrayfeat import __version__
+from xrayfeat.version import __version__
 from xrayfeat.atomic import (atomic_output, output_lock, remove_stale_temporaries,
                              temporary_sibling, write_text)
 from xrayfeat.config import TrainConfig, checked_settings
 from xrayfeat.csvout import csv_text
-from xrayfeat.dataset import DatasetInfo, load_split, open_dataset, prepare_dataset, split_indices
+from xrayfeat.dataset import (DatasetInfo, iter_split, load_split, open_dataset,
+                              prepare_dataset, split_indices)
 from xrayfeat.errors import DatasetError, RunError, UsageError
+from xrayfeat.metrics import evaluate_predictions
+from xrayfeat.thresholds import choose_threshold
+from xrayfeat.figures import plot_training_curves
 from xrayfeat.runs import (CONFIG_FILE, CURVES_FILE, HISTORY_FILE, LAST_FILE, MODEL_FILE,
-                           RUN_FORMAT, STATE_FILE, VALIDATION_FILE, load_model_safely, read_json,
-                           write_json)
+                           RUN_FORMAT, STATE_FILE, VALIDATION_FILE, load_model_safely,
+                           read_json, write_json)
 
 PREPARED_NAME = "data.h5"  # where a raw folder given to train is prepared, inside the run
 
 
 class TrainReporter(Protocol):
     """What the CLI implements to show progress; every method is optional in spirit."""
-
     def on_prepare_start(self, total: int) -> None: ...
     def on_prepare_progress(self, n: int) -> None: ...
     def on_train_start(self, epochs: int, initial_epoch: int, steps: int) -> None: ...
@@ -59,7 +62,6 @@ class TrainReporter(Protocol):
 @dataclass
 class TrainResult:
     """What ``train`` returns to the CLI."""
-
     run: Path
     best_epoch: int
     best_val_auc: float
@@ -266,7 +268,6 @@ def make_train_dataset(info: DatasetInfo, config: TrainConfig, initial_epoch: in
         return pipeline_from_arrays(tf.constant(arrays.images),
                                     tf.constant(arrays.labels, tf.int32),
                                     config, initial_epoch, weights, n_classes)
-    from xrayfeat.dataset import iter_split
 
     def generate():
         for e in range(initial_epoch, config.epochs):
@@ -740,8 +741,6 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
 
 def _bn_sample(info: DatasetInfo, config: TrainConfig) -> np.ndarray:
     """A fixed, seeded sample of train images ``(n, S, S, 1)`` for batch-norm statistics."""
-    from xrayfeat.dataset import iter_split
-
     n = len(split_indices(info.path, "train"))
     order = np.random.default_rng([config.seed, 7]).permutation(n)[:BN_SAMPLE_IMAGES]
     return np.concatenate([images for images, _ in iter_split(
@@ -790,8 +789,6 @@ def _roi_settings(path: Path) -> dict:
 def _finish(out: Path, info: DatasetInfo, val, state: dict, config: TrainConfig,
             started: float) -> TrainResult:
     """Threshold and metrics of the best model on validation; training curves."""
-    from xrayfeat.evaluation import choose_threshold, evaluate_predictions
-
     model = load_model_safely(out / MODEL_FILE)
     probs = predict_local(model, val.images[..., None])
     validation: dict[str, Any] = {"threshold": None, "threshold_method": None}
@@ -805,7 +802,6 @@ def _finish(out: Path, info: DatasetInfo, val, state: dict, config: TrainConfig,
                                    groups=val.patients, n_boot=0)
     validation.update(best_epoch=state["best_epoch"], metrics=metrics)
     write_json(out / VALIDATION_FILE, validation)
-    from xrayfeat.figures import plot_training_curves
 
     plot_training_curves(state["history"], out / CURVES_FILE)
     return TrainResult(run=out, best_epoch=state["best_epoch"],

@@ -11,6 +11,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from xrayfeat.errors import UsageError
+
 #: (shift x, shift y as a fraction of the side, zoom, rotation in degrees); the first n are
 #: used, so a smaller n is a prefix of a larger one.
 VIEWS: tuple[tuple[float, float, float, float], ...] = (
@@ -29,8 +31,6 @@ MAX_VIEWS = len(VIEWS)
 
 def check_views(n: int) -> int:
     """``n`` if it is a valid number of views, else a :class:`UsageError`."""
-    from xrayfeat.errors import UsageError
-
     if not 1 <= n <= MAX_VIEWS:
         raise UsageError(f"--tta must be between 1 (off) and {MAX_VIEWS}, got {n}")
     return n

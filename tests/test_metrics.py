@@ -12,7 +12,7 @@ import pytest
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score
 
-from xrayfeat.evaluation import (
+from xrayfeat.metrics import (
     SCALAR_METRICS,
     _weighted_metrics,
     binary_metrics,
@@ -21,8 +21,8 @@ from xrayfeat.evaluation import (
     expected_calibration_error,
     multiclass_metrics,
     reliability_curve,
-    youden_threshold,
 )
+from xrayfeat.thresholds import youden_threshold
 
 # --------------------------------------------------------------------------- fixtures
 
