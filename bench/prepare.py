@@ -39,7 +39,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-POOL_KINDS = ("process", "thread")  # xrayfeat.dataset.POOLS
+POOL_KINDS = ("process", "thread")  # xrayfeat.choices.DECODE_POOLS
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "kermany_224" / "train"
 CACHE = HERE / "out"
 CLASSES = ("NORMAL", "PNEUMONIA")

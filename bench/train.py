@@ -110,7 +110,8 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -
     from xrayfeat.config import TrainConfig
     from xrayfeat.dataset import load_split, open_dataset
     from xrayfeat.model import build_minivggnet, resolve_precision
-    from xrayfeat.training import class_weights, make_train_dataset, pipeline_from_arrays
+    from xrayfeat.pipeline import make_train_dataset, pipeline_from_arrays
+    from xrayfeat.training import class_weights
 
     config = TrainConfig(epochs=epochs + 1)
     if input_size:

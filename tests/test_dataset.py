@@ -15,15 +15,13 @@ import pytest
 
 from xrayfeat.version import __version__
 from xrayfeat.dataset import (
-    MIN_VAL_IMAGES,
-    assign_splits,
     find_labelled_files,
-    grouped_split,
     iter_image_files,
     open_dataset,
     patient_id,
     prepare_dataset,
 )
+from xrayfeat.splits import MIN_VAL_IMAGES, assign_splits, grouped_split
 from xrayfeat.errors import (
     EXIT_FAILURES,
     EXIT_USAGE,
@@ -413,7 +411,7 @@ def test_parallel_prepare_does_not_run_ahead_of_its_reader(tmp_path, make_class_
     read, at most a small window of files may have been decoded, however long we wait."""
     import time
 
-    from xrayfeat.dataset import map_prepare
+    from xrayfeat.decoding import map_prepare
 
     src = make_class_folder(n_per_class=20, size=48)
     paths = sorted(src.rglob("*.jpeg"))
@@ -500,7 +498,7 @@ def test_stratified_group_folds_equal_scikit_learns(seed):
     it must cut exactly the folds scikit-learn's StratifiedGroupKFold cuts."""
     from sklearn.model_selection import StratifiedGroupKFold
 
-    from xrayfeat.dataset import stratified_group_folds
+    from xrayfeat.splits import stratified_group_folds
 
     rng = np.random.default_rng(seed)
     groups = rng.integers(0, 90, 400).astype(str)

@@ -275,7 +275,7 @@ def test_prepare_array_is_deterministic(h, w, seed, roi, size):
 def test_prepare_file_is_deterministic_across_processes(tmp_path):
     """The same files give the same bytes in this process and in spawned workers (the
     path prepare and predict take), and from run to run."""
-    from xrayfeat.dataset import map_prepare
+    from xrayfeat.decoding import map_prepare
 
     paths = []
     for i, (ext, shape) in enumerate([(".jpeg", (300, 260)), (".png", (180, 220)),

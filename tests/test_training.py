@@ -13,7 +13,8 @@ import pytest
 from conftest import copy_moving_split
 from xrayfeat.config import TrainConfig, load_train_config
 from xrayfeat.errors import DatasetError, UsageError
-from xrayfeat.training import class_weights, epoch_order, train
+from xrayfeat.pipeline import epoch_order
+from xrayfeat.training import class_weights, train
 
 
 # --------------------------------------------------------------------------- model
@@ -187,7 +188,7 @@ def test_resume_of_a_damaged_run_is_a_one_line_error(examples_h5, tmp_path, dama
     import zipfile
 
     from xrayfeat.errors import RunError
-    from xrayfeat.training import STATE_MEMBER
+    from xrayfeat.runs import STATE_MEMBER
 
     run = tmp_path / "run"
     train(examples_h5, run, _tiny_config(epochs=1))
@@ -231,7 +232,7 @@ def test_epoch_order_is_a_seeded_permutation():
 def test_augmentation_is_a_pure_function_of_its_seed(extra):
     import tensorflow as tf
 
-    from xrayfeat.training import augment_batch
+    from xrayfeat.pipeline import augment_batch
 
     rng = np.random.default_rng(0)
     x = tf.constant(rng.integers(0, 255, (4, 48, 48, 1)).astype("float32"))
@@ -249,7 +250,7 @@ def test_no_horizontal_flip_by_default():
     """With every transform off, augmentation is the identity: nothing mirrors the heart."""
     import tensorflow as tf
 
-    from xrayfeat.training import augment_batch
+    from xrayfeat.pipeline import augment_batch
 
     x = np.zeros((2, 32, 32, 1), np.float32)
     x[:, :, :8] = 200.0  # bright left edge
@@ -261,7 +262,7 @@ def test_no_horizontal_flip_by_default():
 def test_acquisition_augmentations_do_what_they_say():
     import tensorflow as tf
 
-    from xrayfeat.training import augment_batch
+    from xrayfeat.pipeline import augment_batch
 
     rng = np.random.default_rng(1)
     x = tf.constant(rng.uniform(40, 215, (64, 32, 32, 1)).astype("float32"))

@@ -93,8 +93,9 @@ class Run:
         return self._run.threshold
 
     @property
-    def config(self) -> dict[str, Any]:
-        """The run's ``config.json``: settings, classes, preprocessing, data hash, versions."""
+    def config(self) -> runs.RunConfig:
+        """The run's ``config.json``, typed: settings, classes, preprocessing, data hash,
+        versions."""
         return self._run.config
 
     @property

@@ -18,7 +18,7 @@ import numpy as np
 
 from xrayfeat.choices import CAM_METHODS
 from xrayfeat.errors import RunError, UsageError
-from xrayfeat.figures import plot_cam_overlay
+from xrayfeat.layer_figures import plot_cam_overlay
 from xrayfeat.filenames import inside, safe_component, shorten, unique_stems
 from xrayfeat.layers import conv_layers
 

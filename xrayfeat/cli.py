@@ -369,6 +369,8 @@ def predict(
         raise typer.Exit(EXIT_FAILURES)
 
 
+# Long because its signature is the command's option list (two modes share it); the
+# body only checks combinations and calls one core function per mode.
 @app.command("visualize-layers")
 @friendly_errors
 def visualize_layers(

@@ -23,7 +23,7 @@ from xrayfeat.atomic import prepare_out_dir, write_text
 from xrayfeat.csvout import csv_text
 from xrayfeat.dataset import iter_split
 from xrayfeat.errors import DatasetError, RunError, UsageError
-from xrayfeat.figures import check_cmap, plot_class_means, plot_top_channels
+from xrayfeat.layer_figures import check_cmap, plot_class_means, plot_top_channels
 from xrayfeat.filenames import inside, relative_href, safe_component
 from xrayfeat.layers import ActivationModel, LayerInfo, conv_layers, rectified_layer
 from xrayfeat.pages import figure_html, page_html
@@ -110,6 +110,8 @@ def cohens_d(n_a: int, mean_a, sd_a, n_b: int, mean_b, sd_b) -> np.ndarray:
     return np.divide(diff, pooled, out=np.zeros_like(diff), where=pooled > 1e-12)
 
 
+# One streaming pass over the split that keeps running sums: kept whole so the sums,
+# the batch loop and the figures drawn from them read top to bottom.
 def class_contrast(
     run_path: str | os.PathLike,
     data: str | os.PathLike,

@@ -22,65 +22,45 @@ HDF5 schema (also in the README):
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import itertools
 import json
-import multiprocessing
 import os
 import re
 import time
-import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import h5py
 import numpy as np
 
-from xrayfeat.version import __version__
 from xrayfeat.atomic import atomic_output, h5_writer, locks_output, remove_stale_temporaries
-from xrayfeat.choices import DECODE_POOLS, LABEL_MODES, RESIZE_MODES, SPLITS
-from xrayfeat.errors import (EXIT_FAILURES, DatasetError, ImageReadError, UsageError,
-                             XrayfeatError)
+from xrayfeat.choices import LABEL_MODES, RESIZE_MODES, SPLITS
+from xrayfeat.decoding import map_prepare
+from xrayfeat.errors import EXIT_FAILURES, DatasetError, ImageReadError, UsageError
 from xrayfeat.imaging import looks_like_image_path
-from xrayfeat.preprocessing import PreprocessSettings, prepare_file
+from xrayfeat.preprocessing import PreprocessSettings
 from xrayfeat.schema import MAX_STORED_SIZE, check_dataset, require_regular_file
-from xrayfeat.sources import (META_COLUMNS, check_shared_patients, compile_patient_regex,
-                              dicom_identity, filter_files, read_labels_table)
+from xrayfeat.sources import (META_COLUMNS, LabelledFile, check_shared_patients,
+                              compile_patient_regex, dicom_identity, filter_files,
+                              read_labels_table)
+from xrayfeat.splits import MIN_VAL_IMAGES, assign_splits, check_splits_possible
+from xrayfeat.version import __version__
 
 #: Version 2 added the DICOM identity columns (sources.META_COLUMNS); version 1 files,
 #: which lack them, are read the same way.
 DATASET_FORMAT = "xrayfeat-dataset/2"
-#: The official Kermany val split has 16 images; below this a validation split is cut from train.
-MIN_VAL_IMAGES = 50
 #: Rows buffered before one write per column: 64 images of 224 px are 3 MB.
 WRITE_BLOCK = 64
 #: gzip level of the stored images: level 1 is about as small as 6 on radiographs and
-#: several times cheaper. The decoders compress (xrayfeat.dataset.map_prepare), the writer
+#: several times cheaper. The decoders compress (xrayfeat.decoding.map_prepare), the writer
 #: only copies chunks in.
 DEFLATE_LEVEL = 1
 
 _PERSON = re.compile(r"person(\d+)_", re.IGNORECASE)
 _STUDY = re.compile(r"(?:^|-)IM-(\d+)-", re.IGNORECASE)
 _SUBTYPE = re.compile(r"_(bacteria|virus)_", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class LabelledFile:
-    """One image found on disk, before decoding."""
-
-    path: Path
-    class_name: str
-    split: str | None  # from the folder layout or table; None when there is none
-    patient: str
-    # The patient is a real identity (DICOM PatientID, a labels table, --patient-regex),
-    # not a guess from a Kermany file name: only then is a patient in two official splits
-    # known to be a leak (Kermany numbers its children per split).
-    patient_known: bool = False
-    meta: dict = field(default_factory=dict, hash=False)  # sources.META_COLUMNS, "" unknown
 
 
 @dataclass
@@ -242,288 +222,8 @@ def _is_data_dir(path: Path) -> bool:
     return path.is_dir() and not path.name.startswith(".") and path.name != "__MACOSX"
 
 
-def grouped_split(
-    labels: np.ndarray, groups: Sequence[str], fraction: float, seed: int,
-    class_names: Sequence[str] | None = None,
-) -> np.ndarray:
-    """Boolean mask of a validation split: about ``fraction`` of the images, stratified by
-    class, with every patient wholly inside or outside it (no leakage)."""
-    n_splits = _validation_folds(labels, groups, fraction, class_names)
-    labels = np.asarray(labels)
-    classes = set(labels.tolist())
-    for val_index in stratified_group_folds(labels, np.asarray(groups), n_splits, seed):
-        mask = np.zeros(len(labels), bool)
-        mask[val_index] = True
-        if set(labels[mask]) == classes == set(labels[~mask]):
-            break  # the first fold holding every class on both sides
-    return mask
-
-
-def stratified_group_folds(labels: np.ndarray, groups: np.ndarray, n_splits: int,
-                           seed: int) -> Iterator[np.ndarray]:
-    """The validation indices of each fold of scikit-learn's ``StratifiedGroupKFold(n_splits,
-    shuffle=True, random_state=seed)`` (its algorithm as of 1.6, tested equal to it).
-
-    Written out rather than imported for two measured reasons: importing scikit-learn
-    takes 1.2-2.6 s, more than preparing 150 radiographs on two cores; and a dataset's
-    validation split must not change when scikit-learn changes its implementation (its
-    shuffling was corrected in 1.6, which moved every seeded split). Each patient in turn
-    (most class-skewed first, ties in seeded random order) joins the fold where the
-    per-class shares across folds spread least, the smaller fold on a tie.
-    """
-    _, y_inv, y_cnt = np.unique(labels, return_inverse=True, return_counts=True)
-    _, groups_inv = np.unique(groups, return_inverse=True)
-    n_groups = int(groups_inv.max()) + 1
-    per_group = np.zeros((n_groups, len(y_cnt)))
-    np.add.at(per_group, (groups_inv, y_inv), 1)
-    perm = np.arange(n_groups)
-    np.random.RandomState(seed).shuffle(perm)
-    per_group = per_group[perm]
-    inv_perm = np.empty_like(perm)
-    inv_perm[perm] = np.arange(n_groups)
-    groups_inv = inv_perm[groups_inv]
-    per_fold = np.zeros((n_splits, len(y_cnt)))
-    fold_of_group = np.empty(n_groups, int)
-    for group in np.argsort(-np.std(per_group, axis=1), kind="stable"):
-        counts = per_group[group]
-        best, best_eval, best_size = None, np.inf, np.inf
-        for i in range(n_splits):
-            per_fold[i] += counts
-            spread = np.mean(np.std(per_fold / y_cnt.reshape(1, -1), axis=0))
-            per_fold[i] -= counts
-            size = np.sum(per_fold[i])
-            if spread < best_eval or (np.isclose(spread, best_eval) and size < best_size):
-                best, best_eval, best_size = i, spread, size
-        per_fold[best] += counts
-        fold_of_group[group] = best
-    fold_of_image = fold_of_group[groups_inv]
-    for i in range(n_splits):
-        yield np.flatnonzero(fold_of_image == i)
-
-
-def _validation_folds(labels, groups, fraction: float, class_names=None) -> int:
-    """How many folds :func:`grouped_split` cuts; a one-line error when it cannot cut any."""
-    if not 0 < fraction < 1:
-        raise UsageError(f"--val-fraction must be between 0 and 1, got {fraction}")
-    labels = np.asarray(labels)
-    groups = np.asarray(groups)
-    patients = {int(c): len(set(groups[labels == c])) for c in np.unique(labels)}
-    fewest = min(patients.values())
-    if fewest < 2:
-        scarce = ", ".join(class_names[c] if class_names else f"class index {c}"
-                           for c, n in patients.items() if n < 2)
-        raise UsageError(f"a validation split needs at least 2 patients of every class (one "
-                         f"for validation, one for training); {scarce} has 1: add images or "
-                         "give a val/ folder")
-    # Small folders: fewer folds than 1 / fraction, so every class can appear in each fold
-    # (a larger validation share, rather than scikit-learn's error).
-    return min(max(2, round(1 / fraction)), fewest)
-
-
-def assign_splits(
-    files: Sequence[LabelledFile], classes: Sequence[str], val_fraction: float, seed: int
-) -> tuple[list[str], bool]:
-    """The split of every file, and whether validation was cut from train.
-
-    Official split folders are kept; when there is no val split, or one under
-    ``MIN_VAL_IMAGES`` images, its images join train and val is cut from train by patient.
-    """
-    splits, train_idx, labels, groups = _train_pool(files, classes)
-    if train_idx is None:
-        return splits, False
-    val_mask = grouped_split(labels, groups, val_fraction, seed, class_names=classes)
-    for i in train_idx[val_mask]:
-        splits[i] = "val"
-    return splits, True
-
-
-def check_splits_possible(files: Sequence[LabelledFile], classes: Sequence[str],
-                          val_fraction: float) -> None:
-    """Raise at once the error :func:`assign_splits` would raise (it runs in the background
-    while images decode, and would otherwise report it only at the end)."""
-    _, train_idx, labels, groups = _train_pool(files, classes)
-    if train_idx is not None:
-        _validation_folds(labels, groups, val_fraction, class_names=classes)
-
-
-def _train_pool(files, classes):
-    """``(splits, train indices, their labels, their patients)``; the last three are
-    ``None`` when an official val split of ``MIN_VAL_IMAGES`` or more is kept."""
-    splits = [f.split or "train" for f in files]
-    if splits.count("val") >= MIN_VAL_IMAGES:
-        return splits, None, None, None
-    splits = ["train" if s == "val" else s for s in splits]
-    train_idx = np.array([i for i, s in enumerate(splits) if s == "train"])
-    index = {c: i for i, c in enumerate(classes)}
-    labels = np.array([index[files[i].class_name] for i in train_idx])
-    groups = np.asarray([files[i].patient for i in train_idx])
-    return splits, train_idx, labels, groups
-
-
-def _prepare_worker(args: tuple[int, str, PreprocessSettings, int | None]):
-    """Runs in a worker: decode and prepare one file (and deflate the image at
-    ``deflate_level``, when given); errors come back as text."""
-    index, path, settings, deflate_level = args
-    try:
-        prepared = prepare_file(path, settings)
-    except XrayfeatError as exc:
-        return index, None, str(exc)
-    except Exception as exc:  # a decoder bug on one hostile file must not stop the run
-        return index, None, f"unreadable: {type(exc).__name__}: {exc}"
-    if deflate_level is not None:
-        prepared = replace(prepared, deflated=zlib.compress(prepared.image.tobytes(),
-                                                            deflate_level))
-    return index, prepared, None
-
-
-def _init_worker() -> None:
-    import cv2
-
-    cv2.setNumThreads(1)  # one decode per core; OpenCV's own threads would oversubscribe
-
-
-def _init_pool_worker() -> None:
-    import signal
-
-    _init_worker()
-    # Ctrl-C is the parent's to handle: it stops handing out work and lets in-flight
-    # chunks finish (see map_prepare), so a worker process must not die of it mid-result.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-#: The error row of a file whose decoding process died on it twice (a decoder crash on
-#: that file, or the out-of-memory killer).
-WORKER_DIED = "the decoding process died on this file (a decoder crash, or killed)"
-
-
-POOLS = DECODE_POOLS  # see xrayfeat.choices
-
-
-def _executor(workers: int, pool: str = "process"):
-    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-
-    if pool == "thread":
-        return ThreadPoolExecutor(workers, thread_name_prefix="xrayfeat-decode")
-    # Spawned, not forked: safe after TensorFlow has started its threads.
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_pool_worker)
-
-
-@contextlib.contextmanager
-def _opencv_threads(n: int):
-    """OpenCV's own thread count, set for a block and restored: decoding threads of ours
-    each running OpenCV's parallel loops would oversubscribe the cores."""
-    import cv2
-
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(n)
-    try:
-        yield
-    finally:
-        cv2.setNumThreads(before)
-
-
-def _retry_alone(chunk: list) -> list:
-    """A chunk lost with a dead worker, run again in a process of its own; if that dies
-    too, the chunk's files become error rows and the run goes on."""
-    from concurrent.futures.process import BrokenProcessPool
-
-    executor = _executor(1)
-    try:
-        return executor.submit(_prepare_chunk, chunk).result()
-    except BrokenProcessPool:
-        return [(task[0], None, WORKER_DIED) for task in chunk]
-    finally:
-        executor.shutdown(wait=False, cancel_futures=True)
-
-
-def map_prepare(
-    paths: Sequence[str], settings: PreprocessSettings, workers: int | None = None,
-    chunksize: int = 8, pool: str = "process", deflate_level: int | None = None,
-) -> Iterator[tuple[int, object, str | None]]:
-    """Prepare files on all cores, yielding ``(index, PreparedImage | None, error)`` in order.
-
-    Results stream: only a few chunks per worker are in flight, so memory does not grow
-    with the number of files. A worker that dies (``kill -9``, the out-of-memory killer, a
-    decoder crash) costs only the chunks in flight: the pool notices at once
-    (concurrent.futures marks it broken), each lost chunk runs again alone, and a chunk
-    that kills its process twice becomes error rows. ``pool`` is one of :data:`POOLS`;
-    with ``thread`` nothing is isolated (a crash is the whole command's). With
-    ``deflate_level``, each image also comes back zlib-compressed (``deflated``), so the
-    HDF5 writer's compression runs on every core instead of the writer's one.
-    """
-    if pool not in POOLS:
-        raise UsageError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
-    if workers is not None and workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {workers}")
-    if pool == "thread" and (workers or 2) > 1:
-        with _opencv_threads(1):
-            yield from _map_prepare(paths, settings, workers, chunksize, pool, deflate_level)
-        return
-    yield from _map_prepare(paths, settings, workers, chunksize, pool, deflate_level)
-
-
-def _map_prepare(paths, settings, workers, chunksize, pool, deflate_level):
-    from concurrent.futures.process import BrokenProcessPool
-
-    workers = workers or os.cpu_count() or 1
-    tasks = ((i, str(p), settings, deflate_level) for i, p in enumerate(paths))
-    if workers == 1:
-        _init_worker()
-        yield from map(_prepare_worker, tasks)
-        return
-    # A window of 2 chunks a worker, refilled as each is read: workers never run far
-    # ahead of a slower consumer (the HDF5 writer), so memory is bounded.
-    chunks = iter(lambda: list(itertools.islice(tasks, chunksize)), [])
-    executor = _executor(workers, pool)
-    window: collections.deque = collections.deque()
-
-    def refill() -> None:
-        for chunk in itertools.islice(chunks, 2 * workers - len(window)):
-            try:
-                window.append((chunk, executor.submit(_prepare_chunk, chunk)))
-            except BrokenProcessPool:  # a worker died since: the chunk is lost unstarted
-                window.append((chunk, None))
-
-    try:
-        refill()
-        while window:
-            chunk, future = window.popleft()
-            try:
-                if future is None:
-                    raise BrokenProcessPool
-                done = future.result()
-            except BrokenProcessPool:
-                # Every chunk in flight was lost with the pool: rerun each alone, in order.
-                lost = [chunk] + [c for c, _ in window]
-                window.clear()
-                executor.shutdown(wait=False, cancel_futures=True)
-                for retried in map(_retry_alone, lost):
-                    yield from retried
-                executor = _executor(workers, pool)
-                refill()
-                continue
-            refill()
-            yield from done
-    finally:
-        # A consumer that stops early (an error, --strict, Ctrl-C) waits at most a minute
-        # for the few chunks in flight, then stops the workers outright.
-        processes = list((getattr(executor, "_processes", None) or {}).values())
-        executor.shutdown(wait=False, cancel_futures=True)
-        deadline = time.monotonic() + 60
-        in_flight = [future for _, future in window if future is not None]
-        for future in in_flight:
-            with contextlib.suppress(Exception):
-                future.result(timeout=max(0.0, deadline - time.monotonic()))
-        for process in processes:
-            if process.is_alive() and any(not f.done() for f in in_flight):
-                process.kill()  # stuck on one file for a minute: no public API but kill
-
-
-def _prepare_chunk(chunk: list[tuple[int, str, PreprocessSettings, int | None]]):
-    return [_prepare_worker(task) for task in chunk]
-
-
+# One streaming pass: decode, buffer, write, count, with the HDF5 file open throughout;
+# kept whole so the order in which the output appears (atomically, at the end) is plain.
 @locks_output  # a second command writing the same output is refused
 def prepare_dataset(
     src: Path,
@@ -554,7 +254,7 @@ def prepare_dataset(
     complete; an existing ``out`` is refused unless ``overwrite``, and is replaced only at
     the very end, so an interrupted run leaves it as it was. Files decode in threads
     (``pool="thread"``, measured faster to start and leaner) or, with ``pool="process"``,
-    in worker processes that isolate a crashing decoder (see :data:`POOLS`).
+    in worker processes that isolate a crashing decoder (see :data:`xrayfeat.choices.DECODE_POOLS`).
     """
     started = time.perf_counter()
     out = Path(out)

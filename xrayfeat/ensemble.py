@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,9 @@ from xrayfeat.dataset import load_split, open_dataset
 from xrayfeat.errors import DatasetError, UsageError
 from xrayfeat.metrics import evaluate_predictions
 from xrayfeat.thresholds import choose_threshold
-from xrayfeat.runs import CONFIG_FILE, MODEL_FILE, VALIDATION_FILE, load_run, write_json
-from xrayfeat.training import file_sha256, predict_local, val_auc
+from xrayfeat.runs import (MODEL_FILE, VALIDATION_FILE, file_sha256, load_run, write_json,
+                           write_run_config)
+from xrayfeat.training import predict_local, val_auc
 
 @dataclass
 class EnsembleResult:
@@ -47,11 +48,11 @@ class EnsembleResult:
 
 def _data_of(runs, data: Path | None) -> Path:
     """The prepared dataset every member was trained on (checked by SHA-256)."""
-    hashes = {r.config.get("data", {}).get("sha256") for r in runs}
+    hashes = {r.config.data.sha256 if r.config.data else None for r in runs}
     if len(hashes) != 1 or None in hashes:
         raise DatasetError("the members were trained on different data; ensemble runs trained "
                            "on the same prepared dataset (their validation splits must agree)")
-    path = Path(data) if data is not None else Path(runs[0].config["data"]["path"])
+    path = Path(data) if data is not None else Path(runs[0].config.data.path)
     if not path.is_file():
         raise UsageError(f"the members' dataset {path} is not there; pass --data with it")
     if file_sha256(path) != hashes.pop():
@@ -92,7 +93,7 @@ def ensemble_runs(
         if run.classes != first.classes:
             raise DatasetError(f"classes differ: {run.path} has {run.classes}, "
                                f"{first.path} has {first.classes}")
-        if run.config["preprocess"] != first.config["preprocess"]:
+        if run.config.preprocess != first.config.preprocess:
             raise DatasetError(f"{run.path} was prepared differently from {first.path} "
                                "(size or ROI settings); ensemble runs on the same data")
     data_path = _data_of(runs, Path(data) if data is not None else None)
@@ -103,7 +104,7 @@ def ensemble_runs(
     model = build_ensemble(models)
     probs = predict_local(model, val.images[..., None])
 
-    train_settings = dict(first.config.get("train", {}))
+    train_settings = dict(first.config.train)
     method = threshold_method or train_settings.get("threshold_method", "youden")
     validation: dict[str, Any] = {"threshold": None, "threshold_method": None}
     if len(first.classes) == 2:
@@ -116,15 +117,15 @@ def ensemble_runs(
                                    n_boot=0)
     validation.update(best_epoch=None, metrics=metrics)
     member_aucs = [val_auc(val.labels, p) for p in member_probs]
-    config = {**first.config, "ensemble": {
-        "members": [str(r.path.resolve()) for r in runs],
-        "member_model_sha256": [file_sha256(r.model_path) for r in runs],
-        "member_val_auc": member_aucs}}
-    config["train"] = {**train_settings, "threshold_method": method}
+    config = replace(first.config, train={**train_settings, "threshold_method": method},
+                     extra={**first.config.extra, "ensemble": {
+                         "members": [str(r.path.resolve()) for r in runs],
+                         "member_model_sha256": [file_sha256(r.model_path) for r in runs],
+                         "member_val_auc": member_aucs}})
 
     with atomic_output(out, directory=True) as tmp:
         model.save(tmp / MODEL_FILE)
-        write_json(tmp / CONFIG_FILE, config)
+        write_run_config(tmp, config)
         write_json(tmp / VALIDATION_FILE, validation)
     return EnsembleResult(run=out, members=[str(r.path) for r in runs],
                           threshold=validation["threshold"],

@@ -29,7 +29,8 @@ from xrayfeat.atomic import atomic_output, locks_output, remove_stale_temporarie
 from xrayfeat.cams import write_gradcam_overlays
 from xrayfeat.choices import FORMATS
 from xrayfeat.csvout import csv_text, read_cell
-from xrayfeat.dataset import iter_image_files, map_prepare
+from xrayfeat.dataset import iter_image_files
+from xrayfeat.decoding import map_prepare
 from xrayfeat.errors import UsageError
 from xrayfeat.filenames import unique_stems
 from xrayfeat.imaging import looks_like_image_path

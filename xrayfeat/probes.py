@@ -63,7 +63,6 @@ from xrayfeat.figures import plot_probe_auc
 from xrayfeat.layers import ActivationModel
 from xrayfeat.runs import open_run_on_split, write_json
 
-POOLS = PROBE_POOLS  # see xrayfeat.choices
 DEFAULT_FOLDS = 5  # the usual 5-fold CV; fewer when the split has fewer patients a class
 MIN_FOLDS = 2
 DEFAULT_SEED = 42  # folds and the random-weights baseline are the same on every call
@@ -409,6 +408,8 @@ def _json_float(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), 6)
 
 
+# The whole analysis in reading order: extract (one pass), fit per layer, baseline,
+# write; each step is a function above, this one only sequences them and their checks.
 def depth_probes(
     run_path: str | os.PathLike,
     data: str | os.PathLike,
@@ -443,8 +444,8 @@ def depth_probes(
 
     started = time.perf_counter()
     out = Path(out)
-    if pool not in POOLS:
-        raise UsageError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    if pool not in PROBE_POOLS:
+        raise UsageError(f"--pool must be one of {', '.join(PROBE_POOLS)}, got {pool!r}")
     if not 1 <= grid <= MAX_GRID:
         raise UsageError(f"--pool-grid must be between 1 and {MAX_GRID}, got {grid}")
     if n_folds < MIN_FOLDS:

@@ -13,18 +13,26 @@ Layout written by ``train``::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from dataclasses import dataclass
+import platform
+import shutil
+import zipfile
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from xrayfeat.atomic import write_text
+import numpy as np
+
+from xrayfeat.atomic import temporary_sibling, write_text
+from xrayfeat.choices import RESIZE_MODES
+from xrayfeat.csvout import csv_text
 from xrayfeat.dataset import open_dataset
 from xrayfeat.errors import DatasetError, RunError, UsageError
-from xrayfeat.choices import RESIZE_MODES
 from xrayfeat.preprocessing import PreprocessSettings
 from xrayfeat.roi import RoiSettings
+from xrayfeat.version import __version__
 
 RUN_FORMAT = "xrayfeat-run/1"
 MODEL_FILE = "model.keras"
@@ -64,12 +72,12 @@ def read_json(path: Path) -> Any:
 class Run:
     """A trained run, as loaded from its directory."""
     path: Path
-    config: dict  # the whole config.json
+    config: RunConfig  # config.json
     validation: dict  # validation.json (threshold and metrics); {} if training never finished
 
     @property
     def classes(self) -> list[str]:
-        return list(self.config["classes"])
+        return list(self.config.classes)
 
     @property
     def threshold(self) -> float | None:
@@ -80,10 +88,7 @@ class Run:
     @property
     def preprocess(self) -> PreprocessSettings:
         """The preprocessing the training data went through: reused for raw files."""
-        p = self.config["preprocess"]
-        return PreprocessSettings(size=int(p["size"]), roi=bool(p["roi"]),
-                                  roi_settings=RoiSettings(**p.get("roi_settings", {})),
-                                  resize=p.get("resize", "stretch"))  # older runs stretched
+        return self.config.preprocess
 
     @property
     def model_path(self) -> Path:
@@ -156,7 +161,7 @@ def load_run(path: str | os.PathLike) -> Run:
         )
     if not (path / MODEL_FILE).is_file():
         raise RunError(f"{path} has no {MODEL_FILE}: training did not finish an epoch")
-    _check_config(path / CONFIG_FILE, config)
+    settings = RunConfig.from_dict(config, path / CONFIG_FILE)
     validation_path = path / VALIDATION_FILE
     validation = read_json(validation_path) if validation_path.is_file() else {}
     threshold = validation.get("threshold") if isinstance(validation, dict) else "?"
@@ -165,37 +170,107 @@ def load_run(path: str | os.PathLike) -> Run:
                                       and 0 <= threshold <= 1):
         raise RunError(f"{validation_path} is damaged (the threshold must be a number between "
                        "0 and 1); retrain the run or restore the file")
-    return Run(path=path, config=config, validation=validation)
+    return Run(path=path, config=settings, validation=validation)
 
 
-def _check_config(path: Path, config: dict) -> None:
-    """A run directory is data: a damaged or hand-edited config is a one-line error, not a
-    crash later on."""
-    from dataclasses import fields
+@dataclass(frozen=True)
+class DataProvenance:
+    """The prepared dataset a run was trained on."""
 
-    def damaged(what: str):
-        raise RunError(f"{path} is damaged ({what}); retrain the run or restore the file")
+    path: str
+    sha256: str | None
+    splits: dict[str, int]
+    label_mode: str = "folders"
 
-    classes = config.get("classes")
-    if (not isinstance(classes, list) or len(classes) < 2 or len(set(classes)) != len(classes)
-            or not all(isinstance(c, str) and c for c in classes)):
-        damaged("'classes' must name two or more distinct classes")
-    p = config.get("preprocess")
-    if not isinstance(p, dict):
-        damaged("no 'preprocess' settings")
-    size = p.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= 4096:
-        damaged(f"'preprocess.size' must be a number of pixels, got {size!r}")
-    if not isinstance(p.get("roi"), bool):
-        damaged("'preprocess.roi' must be true or false")
-    if p.get("resize", "stretch") not in RESIZE_MODES:
-        damaged(f"'preprocess.resize' must be one of {', '.join(RESIZE_MODES)}")
-    roi = p.get("roi_settings", {})
-    known = {f.name for f in fields(RoiSettings)}
-    if (not isinstance(roi, dict) or set(roi) - known
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                       for v in roi.values())):
-        damaged(f"'preprocess.roi_settings' must hold numbers for {', '.join(sorted(known))}")
+
+@dataclass(frozen=True)
+class RunConfig:
+    """``config.json``, typed: what a run was trained on and how.
+
+    Written once by ``train`` (:func:`write_run_config`) and read back by
+    :meth:`from_dict`, which checks it (a run directory is data from outside: a damaged or
+    hand-edited file is a one-line error) and brings older runs up to date, in one place.
+    """
+
+    classes: list[str]
+    preprocess: PreprocessSettings
+    train: dict[str, Any]  # the TrainConfig settings, as saved (checked again on --resume)
+    data: DataProvenance | None
+    precision: str | None = None  # what precision "auto" became on the training machine
+    class_weights: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. an ensemble's members
+
+    @property
+    def positive_class(self) -> str | None:
+        return self.classes[1] if len(self.classes) == 2 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": RUN_FORMAT, "created": self.created, "classes": self.classes,
+            "positive_class": self.positive_class, "train": self.train,
+            "precision": self.precision, "class_weights": self.class_weights,
+            "preprocess": {"size": self.preprocess.size, "roi": self.preprocess.roi,
+                           "resize": self.preprocess.resize,
+                           "roi_settings": asdict(self.preprocess.roi_settings)},
+            "data": None if self.data is None else asdict(self.data),
+            "versions": self.versions, **self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, config: dict, path: Path) -> "RunConfig":
+        """Check ``config`` (read from ``path``) and migrate what older runs lack."""
+        def damaged(what: str):
+            raise RunError(f"{path} is damaged ({what}); retrain the run or restore the file")
+
+        classes = config.get("classes")
+        if (not isinstance(classes, list) or len(classes) < 2
+                or len(set(classes)) != len(classes)
+                or not all(isinstance(c, str) and c for c in classes)):
+            damaged("'classes' must name two or more distinct classes")
+        p = config.get("preprocess")
+        if not isinstance(p, dict):
+            damaged("no 'preprocess' settings")
+        size = p.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= 4096:
+            damaged(f"'preprocess.size' must be a number of pixels, got {size!r}")
+        if not isinstance(p.get("roi"), bool):
+            damaged("'preprocess.roi' must be true or false")
+        resize = p.get("resize", "stretch")  # migration: runs before --resize stretched
+        if resize not in RESIZE_MODES:
+            damaged(f"'preprocess.resize' must be one of {', '.join(RESIZE_MODES)}")
+        roi = p.get("roi_settings", {})
+        known = {f.name for f in fields(RoiSettings)}
+        if (not isinstance(roi, dict) or set(roi) - known
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                           for v in roi.values())):
+            damaged(f"'preprocess.roi_settings' must hold numbers for {', '.join(sorted(known))}")
+        train = config.get("train", {})
+        if not isinstance(train, dict):
+            damaged("'train' must be a table of settings")
+        data = config.get("data")
+        provenance = None
+        if isinstance(data, dict):
+            provenance = DataProvenance(
+                path=str(data.get("path", "")), sha256=data.get("sha256"),
+                splits=dict(data.get("splits") or {}),
+                label_mode=str(data.get("label_mode", "folders")))
+        known_keys = {"format", "created", "classes", "positive_class", "train", "precision",
+                      "class_weights", "preprocess", "data", "versions"}
+        return cls(
+            classes=list(classes),
+            preprocess=PreprocessSettings(size=size, roi=p["roi"], resize=resize,
+                                          roi_settings=RoiSettings(**roi)),
+            train=dict(train), data=provenance, precision=config.get("precision"),
+            class_weights=dict(config.get("class_weights") or {}),
+            versions=dict(config.get("versions") or {}), created=str(config.get("created", "")),
+            extra={k: v for k, v in config.items() if k not in known_keys})
+
+
+def write_run_config(out: Path, config: RunConfig) -> None:
+    """Write ``out/config.json`` (atomically)."""
+    write_json(out / CONFIG_FILE, config.to_dict())
 
 
 def check_dataset_matches(run: Run, info) -> None:
@@ -227,3 +302,86 @@ def open_run_on_split(run_path: str | os.PathLike, data: str | os.PathLike, spli
     n = info.require_split(split)
     check_dataset_matches(run, info)
     return run, info, n
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
+    """Validate ``--out``; True when it holds a previous run that --overwrite will replace."""
+    if resume:
+        missing = [f for f in (CONFIG_FILE, STATE_FILE, LAST_FILE) if not (out / f).is_file()]
+        if missing:
+            raise UsageError(f"cannot --resume {out}: {', '.join(missing)} missing "
+                             "(no finished epoch to resume from)")
+        return False
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder for the run")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UsageError(f"{out} exists and is not empty; pass --resume to continue it "
+                             "or --overwrite to replace it")
+        return True
+    return False
+
+
+def swap_in(new: Path, out: Path) -> None:
+    """Replace the run in ``out`` by the finished run in ``new`` (two renames)."""
+    backup = temporary_sibling(out, ".previous")
+    backup.unlink()
+    os.replace(out, backup)
+    os.replace(new, out)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def versions() -> dict[str, str]:
+    import cv2
+    import h5py
+    import keras
+    import sklearn
+    import tensorflow as tf
+
+    return {"xrayfeat": __version__, "python": platform.python_version(),
+            "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
+            "h5py": h5py.__version__, "opencv": cv2.__version__, "scikit-learn": sklearn.__version__}
+
+
+#: The training state inside ``last.keras`` (a zip file Keras loads without looking at it).
+STATE_MEMBER = "xrayfeat_state.json"
+
+
+def embed_state(checkpoint: Path, state: dict) -> None:
+    """Add the training state to a saved checkpoint, so the two can never disagree.
+
+    Written as two files, a kill between ``last.keras`` and ``state.json`` left epoch k's
+    weights with epoch k-1's state, and the resumed run replayed an epoch (seen in a test).
+    """
+    with zipfile.ZipFile(checkpoint, "a") as archive:
+        archive.writestr(STATE_MEMBER, json.dumps(state))
+
+
+def resume_state(out: Path) -> dict:
+    """The state that belongs to ``out/last.keras`` (``state.json`` for older runs)."""
+    try:
+        with zipfile.ZipFile(out / LAST_FILE) as archive:
+            state = json.loads(archive.read(STATE_MEMBER))
+    except KeyError:  # a run from before the state was embedded
+        state = read_json(out / STATE_FILE)
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise RunError(f"cannot resume {out}: {out / LAST_FILE} is damaged ({exc})") from None
+    numbers = ("epoch", "best_epoch", "wait", "lr_wait")
+    if (not isinstance(state, dict) or not isinstance(state.get("history"), list)
+            or not all(isinstance(state.get(k), int) and state[k] >= 0 for k in numbers)
+            or not isinstance(state.get("best_val_auc"), (int, float))):
+        raise RunError(f"cannot resume {out}: its training state is damaged (epoch, history "
+                       "or counters missing); start a new run")
+    return state
+
+
+def write_history(path: Path, rows: list[dict[str, float]]) -> None:
+    write_text(path, csv_text(rows, list(rows[0])))

@@ -12,7 +12,7 @@ import os
 import re
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from xrayfeat.errors import UsageError
@@ -184,3 +184,18 @@ def check_shared_patients(files: list, allow: bool, min_val_images: int) -> list
     if not allow:
         raise UsageError(f"{text}; fix the splits or pass --allow-shared-patients")
     return [f"warning: {text}"]
+
+
+@dataclass(frozen=True)
+class LabelledFile:
+    """One image found on disk, before decoding."""
+
+    path: Path
+    class_name: str
+    split: str | None  # from the folder layout or table; None when there is none
+    patient: str
+    # The patient is a real identity (DICOM PatientID, a labels table, --patient-regex),
+    # not a guess from a Kermany file name: only then is a patient in two official splits
+    # known to be a leak (Kermany numbers its children per split).
+    patient_known: bool = False
+    meta: dict = field(default_factory=dict, hash=False)  # sources.META_COLUMNS, "" unknown

@@ -15,16 +15,11 @@ Design choices (measured, see BENCHMARKS.md):
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import os
-import platform
 import shutil
 import tempfile
 import time
 import weakref
-import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,20 +27,22 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from xrayfeat.version import __version__
-from xrayfeat.atomic import (atomic_output, output_lock, remove_stale_temporaries,
-                             temporary_sibling, write_text)
+from xrayfeat.atomic import atomic_output, output_lock, remove_stale_temporaries, temporary_sibling
 from xrayfeat.config import TrainConfig, checked_settings
-from xrayfeat.csvout import csv_text
-from xrayfeat.dataset import (DatasetInfo, iter_split, load_split, open_dataset,
-                              prepare_dataset, split_indices)
+from xrayfeat.dataset import (DatasetInfo, iter_split, load_split, open_dataset, prepare_dataset,
+                              split_indices)
+from xrayfeat.distribute import fit_multi_worker, is_chief_worker, make_strategy
 from xrayfeat.errors import DatasetError, RunError, UsageError
-from xrayfeat.metrics import evaluate_predictions
-from xrayfeat.thresholds import choose_threshold
 from xrayfeat.figures import plot_training_curves
+from xrayfeat.metrics import evaluate_predictions
+from xrayfeat.pipeline import make_train_dataset
+from xrayfeat.preprocessing import PreprocessSettings
+from xrayfeat.roi import RoiSettings
 from xrayfeat.runs import (CONFIG_FILE, CURVES_FILE, HISTORY_FILE, LAST_FILE, MODEL_FILE,
-                           RUN_FORMAT, STATE_FILE, VALIDATION_FILE, load_model_safely,
-                           read_json, write_json)
+                           STATE_FILE, VALIDATION_FILE, DataProvenance, RunConfig, check_out_dir,
+                           embed_state, file_sha256, load_model_safely, read_json, resume_state,
+                           swap_in, versions, write_history, write_json, write_run_config)
+from xrayfeat.thresholds import choose_threshold
 
 PREPARED_NAME = "data.h5"  # where a raw folder given to train is prepared, inside the run
 
@@ -73,14 +70,6 @@ class TrainResult:
     seconds: float
     stopped_early: bool
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> dict[int, float]:
@@ -136,202 +125,7 @@ def val_auc(labels: np.ndarray, probs: np.ndarray) -> float:
 # --- run directory ---------------------------------------------------------------------------
 
 
-def _check_out(out: Path, resume: bool, overwrite: bool) -> bool:
-    """Validate ``--out``; True when it holds a previous run that --overwrite will replace."""
-    if resume:
-        missing = [f for f in (CONFIG_FILE, STATE_FILE, LAST_FILE) if not (out / f).is_file()]
-        if missing:
-            raise UsageError(f"cannot --resume {out}: {', '.join(missing)} missing "
-                             "(no finished epoch to resume from)")
-        return False
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder for the run")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise UsageError(f"{out} exists and is not empty; pass --resume to continue it "
-                             "or --overwrite to replace it")
-        return True
-    return False
-
-
-def _swap_in(new: Path, out: Path) -> None:
-    """Replace the run in ``out`` by the finished run in ``new`` (two renames)."""
-    backup = temporary_sibling(out, ".previous")
-    backup.unlink()
-    os.replace(out, backup)
-    os.replace(new, out)
-    shutil.rmtree(backup, ignore_errors=True)
-
-
-def _versions() -> dict[str, str]:
-    import cv2
-    import h5py
-    import keras
-    import sklearn
-    import tensorflow as tf
-
-    return {"xrayfeat": __version__, "python": platform.python_version(),
-            "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
-            "h5py": h5py.__version__, "opencv": cv2.__version__, "scikit-learn": sklearn.__version__}
-
-
 # --- input pipeline --------------------------------------------------------------------------
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The permutation of the train rows used in ``epoch`` (same after a resume)."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def augment_batch(images, seeds, config: TrainConfig):
-    """Radiograph-safe augmentation of a float32 batch ``(b, S, S, 1)`` in 0-255.
-
-    One affine warp per image (rotation, shift, zoom: one interpolation, not three),
-    then brightness and contrast, and where configured blur/sharpening, gamma and a black
-    frame (the acquisition differences ``xrayfeat audit`` measures). ``seeds`` is a ``(2,)``
-    int tensor: stateless ops make the result a pure function of it.
-    """
-    import tensorflow as tf
-
-    b = tf.shape(images)[0]
-    size = tf.cast(tf.shape(images)[1], tf.float32)
-
-    def u(i, lo, hi):
-        return tf.random.stateless_uniform([b], seed=seeds + i, minval=lo, maxval=hi)
-
-    theta = u(1, -1.0, 1.0) * (config.rotation_deg * math.pi / 180.0)
-    zoom = 1.0 + u(2, -config.zoom, config.zoom)
-    tx = u(3, -config.shift, config.shift) * size
-    ty = u(4, -config.shift, config.shift) * size
-    c = (size - 1.0) / 2.0
-    cos, sin = tf.cos(theta) / zoom, tf.sin(theta) / zoom
-    # Output pixel (x, y) samples input (a0 x + a1 y + a2, b0 x + b1 y + b2): rotate and
-    # scale about the centre, then shift.
-    a0, a1, b0, b1 = cos, -sin, sin, cos
-    a2 = c - a0 * c - a1 * c + tx
-    b2 = c - b0 * c - b1 * c + ty
-    zeros = tf.zeros_like(a0)
-    transforms = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
-    if config.hflip:
-        flip = u(5, 0.0, 1.0) < 0.5
-        images = tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
-    images = tf.raw_ops.ImageProjectiveTransformV3(
-        images=images, transforms=transforms, output_shape=tf.shape(images)[1:3],
-        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
-    mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
-    contrast = 1.0 + u(6, -config.contrast, config.contrast)
-    brightness = u(7, -config.brightness, config.brightness) * 255.0
-    images = (images - mean) * contrast[:, None, None, None] + mean + brightness[:, None, None, None]
-    images = tf.clip_by_value(images, 0.0, 255.0)
-    if config.blur:
-        # Blur (a > 0) or unsharp-mask sharpening (a < 0) towards a Gaussian of sigma
-        # side/64: acquisition sites differ in sharpness (see `xrayfeat audit`).
-        blurred = _gaussian_blur(images, sigma=size / 64.0)
-        a = u(8, -config.blur, config.blur)[:, None, None, None]
-        images = tf.clip_by_value(images + a * (blurred - images), 0.0, 255.0)
-    if config.gamma:
-        gamma = tf.exp(u(9, -config.gamma, config.gamma))[:, None, None, None]
-        images = 255.0 * tf.pow(images / 255.0, gamma)
-    if config.frame:
-        # Half the images get a black frame of random width (collimation, scanner borders).
-        width = u(10, 0.0, config.frame) * size * tf.cast(u(11, 0.0, 1.0) < 0.5, tf.float32)
-        pos = tf.range(size)[None, :]
-        inside = tf.cast((pos >= width[:, None]) & (pos < size - width[:, None]), tf.float32)
-        images = images * (inside[:, :, None, None] * inside[:, None, :, None])
-    return images
-
-
-def _gaussian_blur(images, sigma):
-    """A separable 5-tap Gaussian blur with reflected edges, of a ``(b, S, S, 1)`` batch."""
-    import tensorflow as tf
-
-    taps = tf.exp(-tf.square(tf.range(-2.0, 3.0)) / (2.0 * tf.square(sigma)))
-    taps = taps / tf.reduce_sum(taps)
-    padded = tf.pad(images, [[0, 0], [2, 2], [2, 2], [0, 0]], mode="REFLECT")
-    out = tf.nn.conv2d(padded, tf.reshape(taps, [5, 1, 1, 1]), 1, "VALID")
-    return tf.nn.conv2d(out, tf.reshape(taps, [1, 5, 1, 1]), 1, "VALID")
-
-
-def make_train_dataset(info: DatasetInfo, config: TrainConfig, initial_epoch: int,
-                       weights: dict[int, float], n_classes: int):
-    """tf.data pipeline of ``(images, one_hot, sample_weight)`` for epochs
-    ``initial_epoch .. config.epochs - 1``; returns the dataset and its steps per epoch.
-
-    The train split is held in RAM when it fits ``memory_budget_mb`` (read once from the
-    HDF5 file), else streamed from the file batch by batch.
-    """
-    import tensorflow as tf
-
-    n = len(split_indices(info.path, "train"))
-    if n * info.size * info.size <= config.memory_budget_mb * 2**20:
-        arrays = load_split(info.path, "train")
-        return pipeline_from_arrays(tf.constant(arrays.images),
-                                    tf.constant(arrays.labels, tf.int32),
-                                    config, initial_epoch, weights, n_classes)
-
-    def generate():
-        for e in range(initial_epoch, config.epochs):
-            yield from iter_split(info.path, "train", config.batch_size,
-                                  order=epoch_order(n, config.seed, e))
-
-    source = tf.data.Dataset.from_generator(generate, output_signature=(
-        tf.TensorSpec((None, info.size, info.size), tf.uint8),
-        tf.TensorSpec((None,), tf.int64)))
-    return _finish_pipeline(source, lambda batch: (batch[0], tf.cast(batch[1], tf.int32)),
-                            n, config, initial_epoch, weights, n_classes)
-
-
-def pipeline_from_arrays(images, labels, config: TrainConfig, initial_epoch: int,
-                         weights: dict[int, float], n_classes: int):
-    """The training pipeline over images ``(N, S, S)`` uint8 and labels already in memory.
-
-    Augmentation warps the stored images, before the model's own antialiased resize: an
-    augmentation at the input size (one bilinear warp of 64 px images) was tried for speed,
-    and blurred the training images relative to the validation ones; its one measured run
-    scored validation AUC 0.984 against 0.992 (BENCHMARKS.md).
-    """
-    import tensorflow as tf
-
-    n = int(labels.shape[0])
-    epochs = range(initial_epoch, config.epochs)
-    orders = (np.stack([epoch_order(n, config.seed, e) for e in epochs]) if len(epochs)
-              else np.zeros((0, n), np.int64))
-    source = tf.data.Dataset.from_tensor_slices(orders).flat_map(
-        tf.autograph.experimental.do_not_convert(
-            lambda order: tf.data.Dataset.from_tensor_slices(order).batch(config.batch_size)))
-    return _finish_pipeline(source, lambda idx: (tf.gather(images, idx), tf.gather(labels, idx)),
-                            n, config, initial_epoch, weights, n_classes)
-
-
-def _finish_pipeline(source, load, n: int, config: TrainConfig, initial_epoch: int,
-                     weights: dict[int, float], n_classes: int):
-    """One parallel map per batch: ``load`` it, augment, one-hot, weight; then prefetch."""
-    import tensorflow as tf
-
-    steps = math.ceil(n / config.batch_size)
-    weight_table = tf.constant([weights[i] for i in range(n_classes)], tf.float32)
-    # Batch b of epoch e gets augmentation seed (seed, e * steps + b): resumable.
-    batch_ids = tf.data.Dataset.range(initial_epoch * steps, config.epochs * steps)
-
-    def finish(item, batch_id):
-        x, y = load(item)
-        x = tf.cast(x, tf.float32)[..., None]
-        if config.augment:
-            seeds = tf.stack([tf.constant(config.seed, tf.int64), batch_id])
-            x = augment_batch(x, tf.cast(seeds, tf.int32), config)
-        one_hot = tf.one_hot(y, n_classes)
-        if config.label_smoothing:
-            one_hot = one_hot * (1 - config.label_smoothing) + config.label_smoothing / n_classes
-        return x, one_hot, tf.gather(weight_table, y)
-
-    # Plain TensorFlow code needs no AutoGraph conversion, and converting it prints
-    # warnings to the user's terminal ("AutoGraph could not transform ...").
-    ds = tf.data.Dataset.zip((source, batch_ids)).map(
-        tf.autograph.experimental.do_not_convert(finish), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.prefetch(tf.data.AUTOTUNE)
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return ds.with_options(options), steps
 
 
 # --- callbacks -------------------------------------------------------------------------------
@@ -371,6 +165,8 @@ def recalibrate_batch_norm(model, images: np.ndarray) -> None:
             layer.momentum = value
 
 
+# A Keras callback closed over the run's state: checkpointing, early stopping, the
+# learning-rate schedule and EMA scoring must agree epoch by epoch, so they live together.
 def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
                  config: TrainConfig, state: dict, reporter: TrainReporter | None,
                  bn_sample: np.ndarray):
@@ -450,8 +246,8 @@ def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
             state["epoch"] = epoch + 1
             with atomic_output(out / LAST_FILE) as tmp:
                 self.model.save(tmp)  # with optimizer state, for --resume
-                _embed_state(tmp, state)  # one rename makes weights and state current
-            _write_history(out / HISTORY_FILE, state["history"])
+                embed_state(tmp, state)  # one rename makes weights and state current
+            write_history(out / HISTORY_FILE, state["history"])
             write_json(out / STATE_FILE, state)  # the same state, for people and scripts
             if reporter:
                 reporter.on_epoch_end(epoch + 1, row)
@@ -459,121 +255,7 @@ def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
     return RunKeeper()
 
 
-#: The training state inside ``last.keras`` (a zip file Keras loads without looking at it).
-STATE_MEMBER = "xrayfeat_state.json"
-
-
-def _embed_state(checkpoint: Path, state: dict) -> None:
-    """Add the training state to a saved checkpoint, so the two can never disagree.
-
-    Written as two files, a kill between ``last.keras`` and ``state.json`` left epoch k's
-    weights with epoch k-1's state, and the resumed run replayed an epoch (seen in a test).
-    """
-    with zipfile.ZipFile(checkpoint, "a") as archive:
-        archive.writestr(STATE_MEMBER, json.dumps(state))
-
-
-def resume_state(out: Path) -> dict:
-    """The state that belongs to ``out/last.keras`` (``state.json`` for older runs)."""
-    try:
-        with zipfile.ZipFile(out / LAST_FILE) as archive:
-            state = json.loads(archive.read(STATE_MEMBER))
-    except KeyError:  # a run from before the state was embedded
-        state = read_json(out / STATE_FILE)
-    except (OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise RunError(f"cannot resume {out}: {out / LAST_FILE} is damaged ({exc})") from None
-    numbers = ("epoch", "best_epoch", "wait", "lr_wait")
-    if (not isinstance(state, dict) or not isinstance(state.get("history"), list)
-            or not all(isinstance(state.get(k), int) and state[k] >= 0 for k in numbers)
-            or not isinstance(state.get("best_val_auc"), (int, float))):
-        raise RunError(f"cannot resume {out}: its training state is damaged (epoch, history "
-                       "or counters missing); start a new run")
-    return state
-
-
-def _write_history(path: Path, rows: list[dict[str, float]]) -> None:
-    write_text(path, csv_text(rows, list(rows[0])))
-
-
 # --- strategy --------------------------------------------------------------------------------
-
-
-def is_chief_worker(strategy: str) -> bool:
-    """Whether this process writes the run: always, except a non-chief multi-worker task."""
-    if strategy != "multi-worker":
-        return True
-    try:
-        tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
-    except ValueError:
-        raise UsageError("TF_CONFIG is not valid JSON") from None
-    if not tf_config.get("cluster"):
-        raise UsageError("--strategy multi-worker needs TF_CONFIG describing the cluster")
-    task = tf_config.get("task", {})
-    if "chief" in tf_config["cluster"]:
-        return task.get("type") == "chief"
-    return task.get("type") == "worker" and int(task.get("index", 0)) == 0
-
-
-def make_strategy(name: str):
-    """The tf.distribute strategy for ``--strategy``."""
-    import tensorflow as tf
-
-    if name == "multi-worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    gpus = tf.config.list_logical_devices("GPU")
-    if name == "mirrored" or (name == "auto" and len(gpus) > 1):
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
-def fit_multi_worker(model, strategy, train_ds, steps: int, config: TrainConfig,
-                     initial_epoch: int, callbacks: list) -> None:
-    """The training loop for MultiWorkerMirroredStrategy.
-
-    Keras 3's ``model.fit`` does not run under MultiWorkerMirroredStrategy (it fails on
-    per-replica values; keras-team/keras#20585), so the multi-worker path steps the model
-    itself with ``strategy.run`` and drives the same callbacks ``fit`` would.
-    """
-    import keras
-    import tensorflow as tf
-
-    dist_ds = strategy.experimental_distribute_dataset(train_ds)
-    optimizer = model.optimizer
-
-    def replica_step(x, y, w):
-        with tf.GradientTape() as tape:
-            probs = model(x, training=True)
-            per_example = keras.losses.categorical_crossentropy(y, probs) * w
-            # Scale by the global batch so gradients summed across replicas are a mean.
-            loss = tf.nn.compute_average_loss(per_example, global_batch_size=config.batch_size)
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
-
-    @tf.function
-    def train_step(iterator):
-        x, y, w = next(iterator)
-        losses = strategy.run(replica_step, args=(x, y, w))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
-
-    for callback in callbacks:
-        callback.set_model(model)
-    model.stop_training = False
-    iterator = iter(dist_ds)
-    for epoch in range(initial_epoch, config.epochs):
-        for callback in callbacks:
-            callback.on_epoch_begin(epoch)
-        total = 0.0
-        for batch in range(steps):
-            loss = float(train_step(iterator))
-            total += loss
-            for callback in callbacks:
-                callback.on_train_batch_end(batch, {"loss": loss})
-        logs = {"loss": total / steps}
-        for callback in callbacks:
-            callback.on_epoch_end(epoch, logs)
-        if model.stop_training:
-            break
 
 
 # --- the command -----------------------------------------------------------------------------
@@ -610,7 +292,7 @@ def _train(data: Path, out: Path, config: TrainConfig, *, resume: bool, overwrit
            reporter: TrainReporter | None) -> TrainResult:
     started = time.perf_counter()
     if resume:
-        _check_out(out, resume=True, overwrite=False)
+        check_out_dir(out, resume=True, overwrite=False)
         config = _resumed_config(out, config)
         _require_tensorboard(config)
         return _train_in(data, out, config, resume=True, reporter=reporter, started=started)
@@ -619,7 +301,7 @@ def _train(data: Path, out: Path, config: TrainConfig, *, resume: bool, overwrit
     if data.is_file():
         open_dataset(data)  # a file that is not a dataset is refused before --out is touched
     created = not out.exists()
-    replace = _check_out(out, resume=False, overwrite=overwrite)
+    replace = check_out_dir(out, resume=False, overwrite=overwrite)
     # --overwrite trains beside the previous run and swaps it in only when finished: a
     # crash, Ctrl-C or kill leaves the previous run whole under its name.
     work = out
@@ -638,11 +320,13 @@ def _train(data: Path, out: Path, config: TrainConfig, *, resume: bool, overwrit
             shutil.rmtree(out, ignore_errors=True)  # nothing resumable: leave no empty run
         raise
     if replace:
-        _swap_in(work, out)
+        swap_in(work, out)
         result.run = out
     return result
 
 
+# The fit in reading order (prepare, build or reload, config, fit, finish); resume and
+# a fresh run differ in two places, marked below.
 def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
               reporter: TrainReporter | None, started: float,
               final: Path | None = None) -> TrainResult:
@@ -684,25 +368,21 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
     if resume:
         state = resume_state(out)
         # A kill may have come between last.keras and the two readable copies of its state.
-        _write_history(out / HISTORY_FILE, state["history"])
+        write_history(out / HISTORY_FILE, state["history"])
         write_json(out / STATE_FILE, state)
     else:
         state = {"epoch": 0, "best_val_auc": -1.0, "best_epoch": 0, "wait": 0, "lr_wait": 0,
                  "stopped_early": False, "history": []}
-        write_json(out / CONFIG_FILE, {
-            "format": RUN_FORMAT,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "classes": info.classes,
-            "positive_class": info.classes[1] if n_classes == 2 else None,
-            "train": config.to_dict(),
-            "precision": precision,  # what "auto" became on this machine
-            "class_weights": weights,
-            "preprocess": {"size": info.size, "roi": info.roi, "resize": info.resize,
-                           "roi_settings": _roi_settings(info.path)},
-            "data": {"path": str(_final_path(data, out, final)), "sha256": file_sha256(data),
-                     "splits": info.split_counts, "label_mode": info.label_mode},
-            "versions": _versions(),
-        })
+        write_run_config(out, RunConfig(
+            classes=info.classes, train=config.to_dict(), precision=precision,
+            class_weights={str(k): v for k, v in weights.items()},
+            preprocess=PreprocessSettings(size=info.size, roi=info.roi, resize=info.resize,
+                                          roi_settings=RoiSettings(**_roi_settings(info.path))),
+            data=DataProvenance(path=str(_final_path(data, out, final)),
+                                sha256=file_sha256(data), splits=info.split_counts,
+                                label_mode=info.label_mode),
+            versions=versions(),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds")))
 
     with strategy.scope():
         if resume:

@@ -28,8 +28,8 @@ from xrayfeat.cams import CAM_TAGS, CAM_TITLES, gradcam_maps
 from xrayfeat.choices import CAM_METHODS
 from xrayfeat.dataset import iter_image_files
 from xrayfeat.errors import ImageReadError, RunError, UsageError, XrayfeatError
-from xrayfeat.figures import (check_cmap, plot_cam_overlay, plot_channel_grid, plot_filters,
-                              plot_overview)
+from xrayfeat.layer_figures import (check_cmap, plot_cam_overlay, plot_channel_grid,
+                                    plot_filters, plot_overview)
 from xrayfeat.filenames import inside, safe_component, shorten, unique_stems
 from xrayfeat.imaging import read_radiograph
 from xrayfeat.layers import (ActivationModel, LayerInfo, conv_layers, rectified_layer,
@@ -117,6 +117,8 @@ def _evidence(classes: Sequence[str], reported: float, threshold: float | None) 
     return f"p = {float(reported):.3f}"
 
 
+# One batch loop over the images with one forward pass per batch: layer grids, CAMs
+# and the overview of an image are drawn from the same outputs, so they stay together.
 def visualize_images(
     run_path: str | os.PathLike,
     images: Sequence[str | os.PathLike],

@@ -1,0 +1,186 @@
+"""Decoding many radiographs on every core: the one preprocessing path, in a pool.
+
+``prepare`` and ``predict`` stream files through :func:`map_prepare`, which keeps a small
+window of work in flight (memory stays flat however many files there are) and yields
+results in input order. Threads start at once (OpenCV releases the GIL); processes isolate
+a decoder that crashes, and a dead worker costs only the chunks it held.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import multiprocessing
+import os
+import time
+import zlib
+from dataclasses import replace
+from typing import Iterator, Sequence
+
+from xrayfeat.choices import DECODE_POOLS
+from xrayfeat.errors import UsageError, XrayfeatError
+from xrayfeat.preprocessing import PreprocessSettings, prepare_file
+
+
+def _prepare_worker(args: tuple[int, str, PreprocessSettings, int | None]):
+    """Runs in a worker: decode and prepare one file (and deflate the image at
+    ``deflate_level``, when given); errors come back as text."""
+    index, path, settings, deflate_level = args
+    try:
+        prepared = prepare_file(path, settings)
+    except XrayfeatError as exc:
+        return index, None, str(exc)
+    except Exception as exc:  # a decoder bug on one hostile file must not stop the run
+        return index, None, f"unreadable: {type(exc).__name__}: {exc}"
+    if deflate_level is not None:
+        prepared = replace(prepared, deflated=zlib.compress(prepared.image.tobytes(),
+                                                            deflate_level))
+    return index, prepared, None
+
+
+def _init_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one decode per core; OpenCV's own threads would oversubscribe
+
+
+def _init_pool_worker() -> None:
+    import signal
+
+    _init_worker()
+    # Ctrl-C is the parent's to handle: it stops handing out work and lets in-flight
+    # chunks finish (see map_prepare), so a worker process must not die of it mid-result.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+#: The error row of a file whose decoding process died on it twice (a decoder crash on
+#: that file, or the out-of-memory killer).
+WORKER_DIED = "the decoding process died on this file (a decoder crash, or killed)"
+
+
+
+
+def _executor(workers: int, pool: str = "process"):
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    if pool == "thread":
+        return ThreadPoolExecutor(workers, thread_name_prefix="xrayfeat-decode")
+    # Spawned, not forked: safe after TensorFlow has started its threads.
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_pool_worker)
+
+
+@contextlib.contextmanager
+def _opencv_threads(n: int):
+    """OpenCV's own thread count, set for a block and restored: decoding threads of ours
+    each running OpenCV's parallel loops would oversubscribe the cores."""
+    import cv2
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(n)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
+
+
+def _retry_alone(chunk: list) -> list:
+    """A chunk lost with a dead worker, run again in a process of its own; if that dies
+    too, the chunk's files become error rows and the run goes on."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    executor = _executor(1)
+    try:
+        return executor.submit(_prepare_chunk, chunk).result()
+    except BrokenProcessPool:
+        return [(task[0], None, WORKER_DIED) for task in chunk]
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
+def map_prepare(
+    paths: Sequence[str], settings: PreprocessSettings, workers: int | None = None,
+    chunksize: int = 8, pool: str = "process", deflate_level: int | None = None,
+) -> Iterator[tuple[int, object, str | None]]:
+    """Prepare files on all cores, yielding ``(index, PreparedImage | None, error)`` in order.
+
+    Results stream: only a few chunks per worker are in flight, so memory does not grow
+    with the number of files. A worker that dies (``kill -9``, the out-of-memory killer, a
+    decoder crash) costs only the chunks in flight: the pool notices at once
+    (concurrent.futures marks it broken), each lost chunk runs again alone, and a chunk
+    that kills its process twice becomes error rows. ``pool`` is one of :data:`DECODE_POOLS`;
+    with ``thread`` nothing is isolated (a crash is the whole command's). With
+    ``deflate_level``, each image also comes back zlib-compressed (``deflated``), so the
+    HDF5 writer's compression runs on every core instead of the writer's one.
+    """
+    if pool not in DECODE_POOLS:
+        raise UsageError(f"pool must be one of {', '.join(DECODE_POOLS)}, got {pool!r}")
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}")
+    if pool == "thread" and (workers or 2) > 1:
+        with _opencv_threads(1):
+            yield from _map_prepare(paths, settings, workers, chunksize, pool, deflate_level)
+        return
+    yield from _map_prepare(paths, settings, workers, chunksize, pool, deflate_level)
+
+
+def _map_prepare(paths, settings, workers, chunksize, pool, deflate_level):
+    from concurrent.futures.process import BrokenProcessPool
+
+    workers = workers or os.cpu_count() or 1
+    tasks = ((i, str(p), settings, deflate_level) for i, p in enumerate(paths))
+    if workers == 1:
+        _init_worker()
+        yield from map(_prepare_worker, tasks)
+        return
+    # A window of 2 chunks a worker, refilled as each is read: workers never run far
+    # ahead of a slower consumer (the HDF5 writer), so memory is bounded.
+    chunks = iter(lambda: list(itertools.islice(tasks, chunksize)), [])
+    executor = _executor(workers, pool)
+    window: collections.deque = collections.deque()
+
+    def refill() -> None:
+        for chunk in itertools.islice(chunks, 2 * workers - len(window)):
+            try:
+                window.append((chunk, executor.submit(_prepare_chunk, chunk)))
+            except BrokenProcessPool:  # a worker died since: the chunk is lost unstarted
+                window.append((chunk, None))
+
+    try:
+        refill()
+        while window:
+            chunk, future = window.popleft()
+            try:
+                if future is None:
+                    raise BrokenProcessPool
+                done = future.result()
+            except BrokenProcessPool:
+                # Every chunk in flight was lost with the pool: rerun each alone, in order.
+                lost = [chunk] + [c for c, _ in window]
+                window.clear()
+                executor.shutdown(wait=False, cancel_futures=True)
+                for retried in map(_retry_alone, lost):
+                    yield from retried
+                executor = _executor(workers, pool)
+                refill()
+                continue
+            refill()
+            yield from done
+    finally:
+        # A consumer that stops early (an error, --strict, Ctrl-C) waits at most a minute
+        # for the few chunks in flight, then stops the workers outright.
+        processes = list((getattr(executor, "_processes", None) or {}).values())
+        executor.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + 60
+        in_flight = [future for _, future in window if future is not None]
+        for future in in_flight:
+            with contextlib.suppress(Exception):
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
+        for process in processes:
+            if process.is_alive() and any(not f.done() for f in in_flight):
+                process.kill()  # stuck on one file for a minute: no public API but kill
+
+
+def _prepare_chunk(chunk: list[tuple[int, str, PreprocessSettings, int | None]]):
+    return [_prepare_worker(task) for task in chunk]
