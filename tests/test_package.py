@@ -20,7 +20,7 @@ ROOT = PACKAGE.parent
 #: rest of the package stays light.
 HEAVY = {"xrayfeat.model"}
 #: Modules that must import the package at their top (the done-when of the library issue).
-TOP_IMPORTS_ONLY = ["evaluation", "prediction", "figures", "visualize", "contrast", "cams",
+TOP_IMPORTS_ONLY = ["evaluation", "prediction", "figures", "visualize", "contrast", "cams", "export",
                     "layers", "metrics", "thresholds", "api"]
 
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from xrayfeat.version import __version__
 
-__all__ = ["Prediction", "Run", "__version__", "evaluate", "load_run", "predict", "prepare",
-           "train"]
+__all__ = ["Prediction", "Run", "__version__", "evaluate", "export", "load_run", "predict",
+           "prepare", "train"]
 
 
 def __getattr__(name: str) -> Any:

@@ -31,6 +31,7 @@ from xrayfeat.config import TrainConfig, load_train_config
 from xrayfeat.dataset import PrepareResult, prepare_dataset
 from xrayfeat.errors import ImageReadError, UsageError
 from xrayfeat.evaluation import EvaluationResult, evaluate_runs
+from xrayfeat.export import ExportResult, export_run
 from xrayfeat.imaging import to_grayscale, to_uint8
 from xrayfeat.layers import ActivationModel, conv_layers
 from xrayfeat.metrics import decide, operating_threshold
@@ -239,6 +240,13 @@ def evaluate(runs_: Sequence[str | os.PathLike] | str | os.PathLike,
     if isinstance(runs_, (str, os.PathLike)):
         runs_ = [runs_]
     return evaluate_runs([Path(r) for r in runs_], Path(data), **options)
+
+
+def export(run: str | os.PathLike, out: str | os.PathLike, format: str = "saved_model",
+           *, overwrite: bool = False) -> ExportResult:
+    """``xrayfeat export``: the run's model as a SavedModel, ONNX or LiteRT file, with
+    ``preprocessing.json`` (see :mod:`xrayfeat.export`)."""
+    return export_run(run, out, format, overwrite=overwrite)
 
 
 def predict(run: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str,

@@ -30,3 +30,5 @@ CAM_METHODS = ("gradcam", "gradcam++", "scorecam")
 LAYER_MODES = ("conv", "all")
 #: How a depth probe pools a layer's maps (xrayfeat.probes).
 PROBE_POOLS = ("avg", "max")
+#: ``xrayfeat export --format`` (xrayfeat.export).
+EXPORT_FORMATS = ("saved_model", "onnx", "litert")

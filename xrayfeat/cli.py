@@ -23,8 +23,8 @@ from xrayfeat.config import TrainConfig
 from xrayfeat.errors import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_USAGE, UsageError, XrayfeatError
 from xrayfeat.render import (UNBOUNDED_WIDTH, Bar, TrainProgress, err_console, escape,
                              out_console, progress_display, render_audit, render_ensemble,
-                             render_evaluate, render_predict, render_prepare, render_probes,
-                             render_train, render_visualize)
+                             render_evaluate, render_export, render_predict, render_prepare,
+                             render_probes, render_train, render_visualize)
 from xrayfeat.version import __version__
 
 
@@ -80,6 +80,7 @@ Format = _choice("Format", choices.FORMATS)
 Cam = _choice("Cam", choices.CAM_METHODS)
 LayerMode = _choice("LayerMode", choices.LAYER_MODES)
 ProbePool = _choice("ProbePool", choices.PROBE_POOLS)
+ExportFormat = _choice("ExportFormat", choices.EXPORT_FORMATS)
 
 
 def _value(choice: Enum | None) -> str | None:
@@ -538,6 +539,30 @@ def audit(
         result = audit_run(run, data, split=split.value, out=out, overwrite=overwrite,
                            limit=limit, on_start=bar.start, on_progress=bar.advance)
     render_audit(result, json_out)
+
+
+@app.command()
+@friendly_errors
+def export(
+    run: Path = typer.Argument(..., help="Run directory from 'train' (or 'ensemble')."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the model and "
+                             "preprocessing.json into."),
+    fmt: ExportFormat = typer.Option("saved_model", "--format", help="saved_model "
+                                     "(TensorFlow Serving), onnx (ONNX Runtime) or litert "
+                                     "(LiteRT, formerly TensorFlow Lite); onnx and litert "
+                                     "need pip install 'xrayfeat[export]'."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    json_out: bool = _JSON,
+) -> None:
+    """Export a run's model to run where this package is not installed.
+
+    [bold]Example:[/] xrayfeat export runs/mvgg --format onnx --out deploy/
+    """
+    _quiet_tensorflow()
+    from xrayfeat import api
+
+    result = api.export(run, out, fmt.value, overwrite=overwrite)
+    render_export(result, json_out)
 
 
 def main() -> None:

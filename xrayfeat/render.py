@@ -424,3 +424,13 @@ def render_audit(result, json_out: bool) -> None:
     if result.files:
         err_console.print(Text(f"wrote {len(result.files)} file(s) to "
                                f"{Path(result.files[0]).parent}"), highlight=False)
+
+
+def render_export(result, json_out: bool) -> None:
+    """Where the exported model and its preprocessing.json are."""
+    if json_out:
+        print_json(result)
+        return
+    out_console.print(Text(f"exported {result.format} model to {result.model} and its input "
+                           f"specification to {result.preprocessing} in "
+                           f"{result.seconds:.1f} s"), soft_wrap=True)

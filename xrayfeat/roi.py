@@ -23,6 +23,9 @@ import numpy as np
 
 #: Work on a copy this many pixels on its long side: enough for lung shapes, cheap.
 WORK_SIDE = 256
+#: Version of :func:`find_roi`'s algorithm, recorded with exported models: bump it whenever
+#: the same image and settings would give a different box.
+ROI_ALGORITHM_VERSION = 1
 
 
 @dataclass(frozen=True)
