@@ -6,7 +6,9 @@ In one run, on the same machine:
 - the loop notebooks use on the same N files: load the model once, then for each file
   ``cv2.imread`` + resize + ``model.predict`` on one image;
 - the forward pass alone on in-memory batches, in GFLOP/s against a NumPy float32 matrix
-  multiply measured in the same run.
+  multiply measured in the same run;
+- that forward pass in Keras against ONNX Runtime running the same run exported by
+  ``xrayfeat export --format onnx`` (with the ``export`` extra).
 
     python bench/predict.py --run RUN [--n 500] [--source ../shared/data/kermany_224/train]
 """
@@ -118,13 +120,60 @@ def forward_gflops(run: Path, batch: int = 64, reps: int = 5) -> tuple[float, fl
     return rate, rate * forward_flops(model) / 1e9
 
 
+def backend_rates(run: Path, batch: int = 32, rounds: int = 7) -> dict:
+    """Images/s of the forward pass on the same in-memory batches of stored images: Keras
+    (what predict uses) against ONNX Runtime on the run exported with ``xrayfeat export``,
+    interleaved rounds, medians; and the largest probability difference."""
+    import onnxruntime as ort
+
+    from xrayfeat.export import export_run
+    from xrayfeat.runs import load_run
+
+    model = load_run(run).load_model()
+    size = model.input_shape[1]
+    x = np.random.default_rng(0).integers(0, 255, (batch, size, size, 1)).astype(np.float32)
+    folder = Path(tempfile.mkdtemp()) / "onnx"
+    export_run(run, folder, "onnx")
+    options = ort.SessionOptions()
+    session = ort.InferenceSession(str(folder / "model.onnx"), options,
+                                   providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    contenders = {"keras": lambda: np.asarray(model.predict_on_batch(x)),
+                  "onnxruntime": lambda: session.run(None, {name: x})[0]}
+    outputs = {k: f() for k, f in contenders.items()}  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    for _ in range(rounds):
+        for key, forward in contenders.items():
+            t = time.perf_counter()
+            forward()
+            times[key].append(time.perf_counter() - t)
+    rates = {k: batch / float(np.median(v)) for k, v in times.items()}
+    return {"rates": rates, "max_diff": float(np.abs(outputs["keras"] - outputs["onnxruntime"]).max())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--n", type=int, default=500)
+    parser.add_argument("--backends-only", action="store_true",
+                        help="only the Keras vs ONNX Runtime forward-pass comparison")
     parser.add_argument("--source", type=Path,
                         default=ROOT.parent / "shared/data/kermany_224/train")
     args = parser.parse_args()
+    try:
+        backends = backend_rates(args.run)
+    except ImportError:
+        backends = None  # the export extra is not installed
+    if backends:
+        keras_rate, onnx_rate = backends["rates"]["keras"], backends["rates"]["onnxruntime"]
+        print(f"forward pass, batches of 32 stored images, median of 7 interleaved rounds: "
+              f"keras {keras_rate:.0f} img/s, onnxruntime {onnx_rate:.0f} img/s "
+              f"({onnx_rate / keras_rate:.2f}x); largest probability difference "
+              f"{backends['max_diff']:.1e}")
+    else:
+        print("onnxruntime not installed (pip install 'xrayfeat[export]'): no backend comparison")
+    if args.backends_only:
+        return
     files = sorted(args.source.rglob("*.jpeg"))
     if len(files) < 4 * args.n:
         sys.exit(f"need {4 * args.n} images in {args.source}, found {len(files)}")
