@@ -1,4 +1,4 @@
-"""xrayfeat.activations: safe output names, Grad-CAM on a model with a known answer, the
+"""What the network sees (xrayfeat.visualize, with cams, layers, contrast, filenames): safe output names, Grad-CAM on a model with a known answer, the
 per-image figures of a real trained run, and the streaming class contrast."""
 
 from __future__ import annotations
