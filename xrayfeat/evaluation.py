@@ -11,18 +11,22 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import h5py
 import numpy as np
 
 from xrayfeat import figures
 from xrayfeat.atomic import write_text
 from xrayfeat.csvout import csv_text
 from xrayfeat.choices import SPLITS
-from xrayfeat.dataset import find_labelled_files, iter_split, load_split, open_dataset
+from xrayfeat.dataset import (find_labelled_files, iter_split, load_split, open_dataset,
+                              split_indices)
 from xrayfeat.errors import DatasetError, RunError, UsageError
 from xrayfeat.metrics import decide, evaluate_predictions
 from xrayfeat.prediction import predict_files
+from xrayfeat.preprocessing import prepare_file
+from xrayfeat.report import write_report_page
 from xrayfeat.runs import check_dataset_matches, load_run
 from xrayfeat.tta import check_views, predict_batch
 
@@ -168,9 +172,32 @@ def evaluate_runs(
         report["run"] = str(run.path)
         report["left_out"] = len(left_out)
         reports[name] = report
-    files = _write_report(out, names, runs, reports, labels, paths, probs, left_out) if out else []
+    files = []
+    if out:
+        files = _write_report(out, names, runs, reports, labels, paths, probs, left_out)
+        figures_written = [Path(f) for f in files if f.endswith(".png")]
+        files += [str(f) for f in write_report_page(
+            out, data=str(data), split=None if data.is_dir() else split, names=names,
+            runs=runs, reports=reports, labels=labels, paths=paths, probs=probs,
+            left_out=left_out, figures=figures_written,
+            stored=_stored_images(data, split, paths, runs[0]))]
     return EvaluationResult(data=str(data), split=split if not data.is_dir() else split,
                             notices=notices, reports=reports, left_out=left_out, files=files)
+
+
+def _stored_images(data: Path, split: str, paths, run) -> Callable[[list[int]], np.ndarray]:
+    """Reads the stored images ``(n, S, S)`` of the evaluated rows at given positions: from
+    the dataset, or prepared again from the folder's files (as predict does)."""
+    if data.is_dir():
+        return lambda rows: np.stack([prepare_file(paths[i], run.preprocess).image
+                                      for i in rows])
+    index = split_indices(data, split)
+
+    def read(rows: list[int]) -> np.ndarray:
+        with h5py.File(data, "r") as h5:
+            return np.stack([h5["images"][int(index[i])] for i in rows])
+
+    return read
 
 
 def _write_report(out: Path, names, runs, reports, labels, paths, probs, left_out) -> list[str]:
