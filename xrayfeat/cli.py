@@ -8,51 +8,28 @@ h5py), so ``--help`` answers at once. Results go to stdout, progress and message
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import typer
-from typer.core import TyperGroup
 
 from xrayfeat import choices
+from xrayfeat.cli_base import OneLineErrorsGroup, friendly_errors, quiet_tensorflow, state
 from xrayfeat.config import TrainConfig
-from xrayfeat.errors import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_USAGE, UsageError, XrayfeatError
-from xrayfeat.render import (UNBOUNDED_WIDTH, Bar, TrainProgress, err_console, escape,
+from xrayfeat.errors import EXIT_FAILURES, UsageError
+from xrayfeat.render import (UNBOUNDED_WIDTH, Bar, TrainProgress, err_console,
                              out_console, progress_display, render_audit, render_ensemble,
                              render_evaluate, render_export, render_predict, render_prepare,
                              render_probes, render_train, render_visualize)
 from xrayfeat.version import __version__
 
 
-def _one_line_usage_error(exc) -> None:
-    """A usage error (unknown option, a value not among the choices) as one line, like
-    every other error: Typer would draw a usage block and a boxed message."""
-    if type(exc).__name__ == "NoArgsIsHelpError":  # the help was shown instead
-        return
-    ctx = getattr(exc, "ctx", None)
-    hint = f" (see '{ctx.command_path} -h')" if ctx is not None else ""
-    err_console.print(f"[bold red]error:[/] {escape(exc.format_message())}{escape(hint)}",
-                      highlight=False, soft_wrap=True)
-
-
-class _Group(TyperGroup):
-    def main(self, *args, **kwargs):
-        from typer import rich_utils
-
-        drawn, rich_utils.rich_format_error = rich_utils.rich_format_error, _one_line_usage_error
-        try:
-            return super().main(*args, **kwargs)
-        finally:
-            rich_utils.rich_format_error = drawn
-
-
 app = typer.Typer(
     name="xrayfeat",
-    cls=_Group,
+    cls=OneLineErrorsGroup,
     help="Prepare chest radiographs, train a MiniVGGNet, evaluate it, predict folders, and "
     "see what every layer of the network sees.",
     no_args_is_help=True,
@@ -60,7 +37,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-_state = {"debug": False}
 _DEFAULTS = TrainConfig()  # shown in --help, so the help can never disagree with the code
 
 
@@ -99,72 +75,11 @@ def _root(
                                  help="Print the version and exit."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
-    _state["debug"] = debug
+    state["debug"] = debug
     # Off a terminal (a pipe, a file, a log) no terminal width applies: tables are drawn
     # wide enough never to cut a name, whatever COLUMNS says.
     for console in (out_console, err_console):
         console.width = None if console.is_terminal else UNBOUNDED_WIDTH
-
-
-def _quiet_tensorflow() -> None:
-    """Import TensorFlow with its C++ start-up lines (oneDNN, absl) kept off the terminal.
-
-    They are written to file descriptor 2 before any log level applies; a Python error
-    during the import still surfaces as an exception.
-    """
-    if "tensorflow" in sys.modules:
-        return
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        import keras  # noqa: F401
-        import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def friendly_errors(command: Callable) -> Callable:
-    """Turn the core's exceptions into one line on stderr and a documented exit code."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except XrayfeatError as exc:
-            if _state["debug"]:
-                raise
-            # escape: paths are data ("scan [1].png"), never Rich markup
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
-                              soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]: partial outputs were removed")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-        except typer.Exit:
-            raise
-        except Exception as exc:  # a bug: say so in one line, traceback only with --debug
-            if _state["debug"]:
-                raise
-            from xrayfeat.atomic import MACHINE_ERRNOS
-
-            if isinstance(exc, OSError) and exc.errno in MACHINE_ERRNOS:
-                # A full disk or a read-only folder is the machine's state, not a bug.
-                where = f"{exc.filename}: " if exc.filename else ""
-                err_console.print(
-                    f"[bold red]error:[/] {escape(where)}{os.strerror(exc.errno)} "
-                    f"({MACHINE_ERRNOS[exc.errno]})", highlight=False, soft_wrap=True)
-                raise typer.Exit(EXIT_USAGE) from None
-            first_line = (str(exc).splitlines() or [""])[0]
-            err_console.print(
-                f"[bold red]internal error:[/] {type(exc).__name__}: {escape(first_line)} "
-                "(run with --debug for the traceback, and please report it)",
-                highlight=False, soft_wrap=True,
-            )
-            raise typer.Exit(1) from None
-
-    return wrapper
 
 
 _JSON = typer.Option(False, "--json", help="Print exactly one JSON object on stdout.")
@@ -270,7 +185,7 @@ def train(
 
     [bold]Example:[/] xrayfeat train data/kermany.h5 --out runs/mvgg
     """
-    _quiet_tensorflow()
+    quiet_tensorflow()
     from xrayfeat import api
 
     settings = {
@@ -311,7 +226,7 @@ def evaluate(
 
     [bold]Example:[/] xrayfeat evaluate runs/mvgg data/kermany.h5 --split test --out report/
     """
-    _quiet_tensorflow()
+    quiet_tensorflow()
     from xrayfeat import api
 
     if len(paths) < 2:
@@ -351,7 +266,7 @@ def predict(
 
     [bold]Example:[/] xrayfeat predict runs/mvgg ~/incoming/ --out preds.csv
     """
-    _quiet_tensorflow()
+    quiet_tensorflow()
     from xrayfeat import api
 
     to_stdout = out is not None and str(out) == "-"
@@ -426,7 +341,7 @@ def visualize_layers(
     depth the classes separate: xrayfeat visualize-layers runs/mvgg --data data.h5 --split
     val --probe --out probes/).
     """
-    _quiet_tensorflow()
+    quiet_tensorflow()
     if not probe and (pool.value != "avg" or pool_grid != 1):
         raise UsageError("--pool and --pool-grid set how --probe pools; add --probe")
     if contrast or probe or data is not None:
@@ -506,7 +421,7 @@ def ensemble(
 
     [bold]Example:[/] xrayfeat ensemble runs/seed1 runs/seed2 runs/seed3 --out runs/ensemble
     """
-    _quiet_tensorflow()
+    quiet_tensorflow()
     from xrayfeat.ensemble import ensemble_runs
 
     result = ensemble_runs(runs, out, data=data, threshold_method=_value(threshold_method),
@@ -531,7 +446,7 @@ def audit(
 
     [bold]Example:[/] xrayfeat audit runs/mvgg data/kermany.h5 --split val --out audit/
     """
-    _quiet_tensorflow()
+    quiet_tensorflow()
     from xrayfeat.audit import audit_run
 
     with progress_display() as progress:
@@ -558,7 +473,7 @@ def export(
 
     [bold]Example:[/] xrayfeat export runs/mvgg --format onnx --out deploy/
     """
-    _quiet_tensorflow()
+    quiet_tensorflow()
     from xrayfeat import api
 
     result = api.export(run, out, fmt.value, overwrite=overwrite)

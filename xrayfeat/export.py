@@ -12,7 +12,6 @@ the crop stay outside the model, as in every command: they are in ``preprocessin
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import numpy as np
 from xrayfeat.atomic import atomic_output
 from xrayfeat.errors import UsageError
 from xrayfeat.roi import ROI_ALGORITHM_VERSION
-from xrayfeat.runs import load_run, write_json
+from xrayfeat.runs import file_sha256, load_run, write_json
 from xrayfeat.version import __version__
 
 #: The file (or folder) each of :data:`xrayfeat.choices.EXPORT_FORMATS` goes to in ``--out``.
@@ -94,21 +93,13 @@ def deployable(model):
     return _functional(keras.models.clone_model(model, clone_function=rewrite))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def preprocessing_spec(run) -> dict[str, Any]:
     """Everything a runtime needs to feed the exported model as ``predict`` feeds it."""
     p = run.preprocess
     return {
         "xrayfeat_version": __version__,
         "run": str(run.path.resolve()),
-        "model_sha256": _sha256(run.model_path),
+        "model_sha256": file_sha256(run.model_path),
         "input": {"shape": [None, p.size, p.size, 1], "dtype": "float32",
                   "range": [0, 255], "layout": "NHWC",
                   "meaning": "the stored image: grayscale radiograph, ROI-cropped and "

@@ -305,6 +305,7 @@ def open_run_on_split(run_path: str | os.PathLike, data: str | os.PathLike, spli
 
 
 def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read a megabyte at a time (datasets and models are large)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
