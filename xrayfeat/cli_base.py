@@ -4,14 +4,18 @@ imported without its start-up chatter."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import sys
+import threading
 from typing import Callable
 
 import typer
 from typer.core import TyperGroup
 
+from xrayfeat.atomic import INTERRUPTED, MACHINE_ERRNOS
 from xrayfeat.errors import EXIT_INTERRUPTED, EXIT_USAGE, XrayfeatError
 from xrayfeat.render import err_console, escape
 
@@ -68,38 +72,67 @@ def friendly_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except XrayfeatError as exc:
-            if state["debug"]:
-                raise
-            # escape: paths are data ("scan [1].png"), never Rich markup
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
-                              soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]: partial outputs were removed")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-        except typer.Exit:
-            raise
-        except Exception as exc:  # a bug: say so in one line, traceback only with --debug
-            if state["debug"]:
-                raise
-            from xrayfeat.atomic import MACHINE_ERRNOS
-
-            if isinstance(exc, OSError) and exc.errno in MACHINE_ERRNOS:
-                # A full disk or a read-only folder is the machine's state, not a bug.
-                where = f"{exc.filename}: " if exc.filename else ""
-                err_console.print(
-                    f"[bold red]error:[/] {escape(where)}{os.strerror(exc.errno)} "
-                    f"({MACHINE_ERRNOS[exc.errno]})", highlight=False, soft_wrap=True)
-                raise typer.Exit(EXIT_USAGE) from None
-            first_line = (str(exc).splitlines() or [""])[0]
-            err_console.print(
-                f"[bold red]internal error:[/] {type(exc).__name__}: {escape(first_line)} "
-                "(run with --debug for the traceback, and please report it)",
-                highlight=False, soft_wrap=True,
-            )
-            raise typer.Exit(1) from None
+        with _ctrl_c_remembered():
+            return _run(command, args, kwargs)
 
     return wrapper
+
+
+def _on_ctrl_c(signum, frame) -> None:
+    INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _ctrl_c_remembered():
+    """Ctrl-C sets :data:`xrayfeat.atomic.INTERRUPTED` as well as raising, so an interrupt
+    that Python drops (raised inside a ``__del__``) still stops the command before any
+    output is put in place; the previous handler comes back afterwards."""
+    INTERRUPTED.clear()
+    previous = None
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+        previous = signal.signal(signal.SIGINT, _on_ctrl_c)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _run(command: Callable, args, kwargs):
+    """The command, with the core's exceptions turned into one line and an exit code."""
+    try:
+        result = command(*args, **kwargs)
+        if INTERRUPTED.is_set():  # dropped on the way, but outputs were not replaced
+            raise KeyboardInterrupt
+        return result
+    except XrayfeatError as exc:
+        if state["debug"]:
+            raise
+        # escape: paths are data ("scan [1].png"), never Rich markup
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
+                          soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: partial outputs were removed")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except typer.Exit:
+        raise
+    except Exception as exc:  # a bug: say so in one line, traceback only with --debug
+        if state["debug"]:
+            raise
+        if isinstance(exc, OSError) and exc.errno in MACHINE_ERRNOS:
+            # A full disk or a read-only folder is the machine's state, not a bug.
+            where = f"{exc.filename}: " if exc.filename else ""
+            err_console.print(
+                f"[bold red]error:[/] {escape(where)}{os.strerror(exc.errno)} "
+                f"({MACHINE_ERRNOS[exc.errno]})", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_USAGE) from None
+        first_line = (str(exc).splitlines() or [""])[0]
+        err_console.print(
+            f"[bold red]internal error:[/] {type(exc).__name__}: {escape(first_line)} "
+            "(run with --debug for the traceback, and please report it)",
+            highlight=False, soft_wrap=True,
+        )
+        raise typer.Exit(1) from None

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from xrayfeat.atomic import temporary_sibling, write_text
+from xrayfeat.atomic import check_not_interrupted, temporary_sibling, write_text
 from xrayfeat.choices import RESIZE_MODES
 from xrayfeat.csvout import csv_text
 from xrayfeat.dataset import open_dataset
@@ -333,6 +333,7 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
 
 def swap_in(new: Path, out: Path) -> None:
     """Replace the run in ``out`` by the finished run in ``new`` (two renames)."""
+    check_not_interrupted()
     backup = temporary_sibling(out, ".previous")
     backup.unlink()
     os.replace(out, backup)
