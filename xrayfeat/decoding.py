@@ -18,6 +18,8 @@ import zlib
 from dataclasses import replace
 from typing import Iterator, Sequence
 
+import numpy as np
+
 from xrayfeat.choices import DECODE_POOLS
 from xrayfeat.errors import UsageError, XrayfeatError
 from xrayfeat.preprocessing import PreprocessSettings, prepare_file
@@ -34,8 +36,12 @@ def _prepare_worker(args: tuple[int, str, PreprocessSettings, int | None]):
     except Exception as exc:  # a decoder bug on one hostile file must not stop the run
         return index, None, f"unreadable: {type(exc).__name__}: {exc}"
     if deflate_level is not None:
+        # The pixels travel once, compressed (``image`` left empty): less than half the
+        # bytes through the pool's pipes, and a shorter window for a worker killed mid-send
+        # to leave concurrent.futures reading half a message.
         prepared = replace(prepared, deflated=zlib.compress(prepared.image.tobytes(),
-                                                            deflate_level))
+                                                            deflate_level),
+                           image=np.empty((0, 0), np.uint8))
     return index, prepared, None
 
 

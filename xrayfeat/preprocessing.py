@@ -42,7 +42,8 @@ class PreparedImage:
     image: np.ndarray  # (size, size) uint8
     roi: Roi  # crop box in source pixel coordinates
     source_shape: tuple[int, int]  # (height, width) of the original file
-    deflated: bytes | None = None  # the image zlib-compressed, when the caller asked for it
+    deflated: bytes | None = None  # the image zlib-compressed, when asked (``image`` then
+    # empty: see xrayfeat.decoding._prepare_worker)
 
 
 def prepare_array(
