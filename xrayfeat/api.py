@@ -45,7 +45,8 @@ from xrayfeat.training import train as train_run
 from xrayfeat.tta import check_views, predict_batch
 
 #: What :meth:`Run.predict` and friends accept: file paths, or decoded images (2-D
-#: grayscale, or 3-D with channels last, any numeric type: scaled to 0-255 by range).
+#: grayscale, or 3-D with channels last in BGR order as OpenCV gives them; 8-bit as they
+#: are, any other numeric type scaled to 0-255 by its own range, as 16-bit files are).
 Images = Sequence[Union[str, os.PathLike, np.ndarray]]
 
 
