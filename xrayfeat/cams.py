@@ -26,8 +26,6 @@ from xrayfeat.layers import conv_layers
 _VISUALIZERS: "weakref.WeakKeyDictionary[Any, dict[str, Any]]" = weakref.WeakKeyDictionary()
 
 
-
-
 #: File-name tag of each CAM method (``<stem>_<tag>.png``); Grad-CAM is always written.
 CAM_TAGS = {"gradcam": "gradcam", "gradcam++": "gradcampp", "scorecam": "scorecam"}
 

@@ -65,8 +65,6 @@ def _init_pool_worker() -> None:
 WORKER_DIED = "the decoding process died on this file (a decoder crash, or killed)"
 
 
-
-
 def _executor(workers: int, pool: str = "process"):
     from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
@@ -124,11 +122,9 @@ def map_prepare(
         raise UsageError(f"pool must be one of {', '.join(DECODE_POOLS)}, got {pool!r}")
     if workers is not None and workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
-    if pool == "thread" and (workers or 2) > 1:
-        with _opencv_threads(1):
-            yield from _map_prepare(paths, settings, workers, chunksize, pool, deflate_level)
-        return
-    yield from _map_prepare(paths, settings, workers, chunksize, pool, deflate_level)
+    in_threads = pool == "thread" and (workers or 2) > 1
+    with _opencv_threads(1) if in_threads else contextlib.nullcontext():
+        yield from _map_prepare(paths, settings, workers, chunksize, pool, deflate_level)
 
 
 def _map_prepare(paths, settings, workers, chunksize, pool, deflate_level):

@@ -203,7 +203,6 @@ def _stored_images(data: Path, split: str, paths, run) -> Callable[[list[int]], 
 def _write_report(out: Path, names, runs, reports, labels, paths, probs, left_out) -> list[str]:
     """metrics.json, predictions.csv and the figures, each written atomically."""
 
-
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     classes = runs[0].classes

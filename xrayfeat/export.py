@@ -90,7 +90,7 @@ def deployable(model):
         return layer
 
     # clone_model rebuilds the graph; returning a layer itself reuses it, weights and all.
-    return _functional(keras.models.clone_model(model, clone_function=rewrite))
+    return _in_inference_mode(keras.models.clone_model(model, clone_function=rewrite))
 
 
 def preprocessing_spec(run) -> dict[str, Any]:
@@ -142,7 +142,7 @@ def export_run(run_path: str | os.PathLike, out: str | os.PathLike, fmt: str = "
         raise UsageError(f"{out} exists; pass --overwrite to replace it")
     run = load_run(run_path)
     model = run.load_model()
-    graph = deployable(model) if fmt in ("onnx", "litert") else _functional(model)
+    graph = deployable(model) if fmt in ("onnx", "litert") else _in_inference_mode(model)
     size = run.preprocess.size
     graph(np.zeros((1, size, size, 1), np.float32))  # built: the ONNX exporter requires it
     with atomic_output(out, directory=True) as tmp:
@@ -156,7 +156,7 @@ def export_run(run_path: str | os.PathLike, out: str | os.PathLike, fmt: str = "
                         seconds=time.perf_counter() - started, files=files)
 
 
-def _functional(model):
+def _in_inference_mode(model):
     """The model behind one tensor in and one out, always in inference mode.
 
     Keras' exporters trace ``model(x)``, with ``training`` unset. On a run loaded from

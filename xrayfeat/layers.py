@@ -18,8 +18,6 @@ import numpy as np
 from xrayfeat.errors import UsageError
 
 
-
-
 @dataclass(frozen=True)
 class LayerInfo:
     """A layer with a spatial (h, w, channels) output."""

@@ -34,7 +34,6 @@ BN_MOMENTUM = 0.9
 _POLICY = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
 
-
 def cpu_has_native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512_BF16 or AMX-BF16).
 

@@ -39,7 +39,6 @@ from xrayfeat.runs import Run, load_run
 from xrayfeat.tta import check_views, predict_batch
 
 
-
 @dataclass
 class PredictSummary:
     """Counts of a prediction run, for the CLI's summary."""

@@ -18,7 +18,6 @@ from xrayfeat.sources import LabelledFile
 MIN_VAL_IMAGES = 50
 
 
-
 def grouped_split(
     labels: np.ndarray, groups: Sequence[str], fraction: float, seed: int,
     class_names: Sequence[str] | None = None,
