@@ -27,3 +27,36 @@ def test_parallel_prepare_does_not_run_ahead_of_its_reader(tmp_path, make_class_
     decoded = 1 + sum(error is None for _, _, error in rest)
     assert decoded <= 2 * 2 * 2 + 2, decoded  # window: 2 chunks a worker, plus one refill
     assert all("cannot open" in error for _, _, error in rest if error)
+
+
+def test_stored_images_are_zlib_streams_holding_exactly_the_prepared_pixels(
+        tmp_path, make_class_folder):
+    """The decoders deflate with ISA-L (a core dependency: without it every prepared image
+    costs ~1 ms more); what they store must be plain zlib, which h5py's gzip filter and
+    any other reader inflate to the very pixels ``prepare_file`` gives."""
+    import zlib
+
+    import h5py
+    import numpy as np
+
+    from xrayfeat import decoding
+    from xrayfeat.dataset import prepare_dataset
+    from xrayfeat.preprocessing import prepare_file
+
+    assert decoding._fast_zlib is not None, "isal is not installed"
+    data = np.random.default_rng(0).integers(0, 256, 5000, np.uint8).tobytes() + bytes(5000)
+    for level in (0, 1, 2, 3, 9):
+        assert zlib.decompress(decoding.deflate(data, level)) == data
+
+    src = make_class_folder(n_per_class=3, size=64)
+    out = tmp_path / "d.h5"
+    prepare_dataset(src, out)
+    with h5py.File(out, "r") as f:
+        images, paths = f["images"], f["path"].asstr()[:]
+        size = images.shape[1]
+        for row in range(len(paths)):
+            _, raw = images.id.read_direct_chunk((row, 0, 0))
+            pixels = np.frombuffer(zlib.decompress(raw), np.uint8).reshape(size, size)
+            assert np.array_equal(pixels, images[row])
+            expected = prepare_file(src / paths[row], PreprocessSettings(size=size)).image
+            assert np.array_equal(images[row], expected), paths[row]
