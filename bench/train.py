@@ -2,8 +2,10 @@
 
 Measured in one run, on the same machine, so the ratios mean something even when the
 absolute numbers drift:
-- the machine's practical peak: a NumPy float32 matrix multiply, measured before and after
-  the models (the higher of the two is used, so a slow moment cannot flatter the ratios);
+- the limit each step runs against: TensorFlow's (oneDNN's) 2048 x 2048 matrix multiply
+  in the step's own precision (bfloat16 where the CPU has it natively, else float32), best
+  of 20 warm repetitions, measured before and after every round (the highest is used, so
+  a slow moment cannot flatter the ratios); NumPy's float32 rate is printed beside it;
 - a plain ``model.fit`` on in-memory NumPy arrays (same model, same batch size, float32);
 - xrayfeat's own training pipeline (seeded order, augmentation, class weights) in the
   default precision (``auto``: bfloat16 on CPUs with native bfloat16), fed from tensors
@@ -18,11 +20,16 @@ measured on this VM: calling ``fit`` again on a model made the later calls take 
 near-constant 10.24 s per 32 steps (CPU half idle), a slowdown training never meets; and
 in one process, identical pipelines timed one after another differed by 10 %.
 
+``--profile`` adds timed ablations of the default step (tensors in memory), each with one
+part removed: augmentation, augmentation and the in-model resize, batch norm, dropout, Adam
+(plain SGD), one host round trip per step (``steps_per_execution`` 8); and the forward pass
+alone. What a variant saves against the default is what that part costs.
+
 FLOPs are counted from the layers (xrayfeat.model.forward_flops); a training step is
 counted as 3x the forward pass (forward, plus backward for activations and weights).
 
     xrayfeat prepare ../shared/data/kermany_224/train --out data/k224.h5
-    python bench/train.py --data data/k224.h5 [--images 1024] [--input-size 96]
+    python bench/train.py --data data/k224.h5 [--images 1024] [--input-size 96] [--profile]
 """
 
 from __future__ import annotations
@@ -46,13 +53,33 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def matmul_peak(n: int = 2048, reps: int = 8) -> float:
-    """GFLOP/s of a float32 n x n matrix multiply (best of ``reps``)."""
+    """GFLOP/s of a NumPy float32 n x n matrix multiply (best of ``reps``)."""
     a = np.random.default_rng(0).random((n, n), dtype=np.float32)
     a @ a
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
         a @ a
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def tf_matmul_peak(precision: str, n: int = 2048, reps: int = 20) -> float:
+    """GFLOP/s of TensorFlow's (oneDNN's) n x n matrix multiply in ``precision``, the best
+    of ``reps`` warm repetitions: the limit a training step in that precision runs against
+    (bfloat16 on AMX is several times the float32 rate, so a float32 peak would flatter a
+    bfloat16 step)."""
+    import tensorflow as tf
+
+    dtype = tf.bfloat16 if precision == "bfloat16" else tf.float32
+    a = tf.cast(tf.random.stateless_uniform((n, n), seed=(0, 0)), dtype)
+    matmul = tf.function(lambda x: tf.reduce_sum(tf.matmul(x, x)[:1, :1]))
+    for _ in range(3):  # warm-up: oneDNN picks and caches its kernel; AMX needs a start
+        matmul(a).numpy()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        matmul(a).numpy()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
 
@@ -100,10 +127,31 @@ def time_epochs(model, data, epochs: int, **fit_args) -> list[float]:
 
 
 VARIANTS = ("plain fit", "tensors", "HDF5 in RAM", "HDF5 streamed", "tensors, float32")
+#: Timed ablations (``--profile``): each removes one part of the default step, tensors in
+#: memory, so its saving is that part's cost.
+PROFILE = ("no augmentation", "no augmentation, no resize", "no batch norm", "no dropout",
+           "SGD optimizer", "steps_per_execution 8", "forward only")
+
+
+def without(model, kinds: tuple):
+    """A copy of ``model`` with every layer of ``kinds`` replaced by a pass-through."""
+    import keras
+
+    class Skip(keras.layers.Layer):  # keras.layers.Identity refuses the graph's mask=
+        def call(self, inputs, training=None, mask=None):
+            return inputs
+
+    def clone(layer):
+        if isinstance(layer, kinds):
+            return Skip(name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    return keras.models.clone_model(model, clone_function=clone)
 
 
 def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -> list[float]:
     """Seconds of each timed epoch of one variant (runs in its own process)."""
+    import cv2
     import keras
     import tensorflow as tf
 
@@ -121,25 +169,46 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -
         precision = "float32"
     info = open_dataset(data)
     arrays = load_split(data, "train")
+    images, stored = arrays.images, info.size
+    if variant.startswith("no augmentation"):
+        config.augment = False
+    if variant == "no augmentation, no resize":  # images already at the input size
+        images = np.stack([cv2.resize(im, (config.input_size,) * 2, interpolation=cv2.INTER_AREA)
+                           for im in images])
+        stored = config.input_size
     steps = int(np.ceil(len(arrays.labels) / config.batch_size))
     weights = class_weights(arrays.labels, 2)
     keras.utils.set_random_seed(0)
-    model = build_minivggnet(2, input_size=config.input_size, stored_size=info.size,
+    model = build_minivggnet(2, input_size=config.input_size, stored_size=stored,
                              precision=precision)
-    model.compile(optimizer=keras.optimizers.AdamW(config.lr, weight_decay=config.weight_decay),
-                  loss=keras.losses.CategoricalCrossentropy())
+    if variant == "no batch norm":
+        model = without(model, (keras.layers.BatchNormalization,))
+    if variant == "no dropout":
+        model = without(model, (keras.layers.Dropout,))
+    optimizer = (keras.optimizers.SGD(config.lr) if variant == "SGD optimizer" else
+                 keras.optimizers.AdamW(config.lr, weight_decay=config.weight_decay))
+    model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(),
+                  steps_per_execution=8 if variant == "steps_per_execution 8" else 1)
+    if variant == "forward only":  # inference over the same images, batch 32
+        x = images[..., None].astype(np.float32)
+        seconds = []
+        for _ in range(epochs + 1):
+            t = time.perf_counter()
+            model.predict(x, batch_size=config.batch_size, verbose=0)
+            seconds.append(time.perf_counter() - t)
+        return seconds[1:]
     if variant == "plain fit":  # in-memory NumPy arrays, no augmentation, no weights
-        x = arrays.images[..., None].astype(np.float32)
+        x = images[..., None].astype(np.float32)
         y = keras.utils.to_categorical(arrays.labels, 2)
         return time_epochs(model, x, epochs, y=y, batch_size=config.batch_size)
-    if variant in ("tensors", "tensors, float32"):  # no file at all
-        dataset, _ = pipeline_from_arrays(tf.constant(arrays.images),
-                                          tf.constant(arrays.labels, tf.int32),
-                                          config, 0, weights, 2)
-    else:  # the HDF5 file, read into RAM (the default when it fits) or streamed from disk
+    if variant in ("HDF5 in RAM", "HDF5 streamed"):  # read into RAM (the default) or streamed
         if variant == "HDF5 streamed":
             config.memory_budget_mb = 0
         dataset, _ = make_train_dataset(info, config, 0, weights, 2)
+    else:  # tensors already in memory: no file at all
+        dataset, _ = pipeline_from_arrays(tf.constant(images),
+                                          tf.constant(arrays.labels, tf.int32),
+                                          config, 0, weights, 2)
     return time_epochs(model, dataset, epochs, steps_per_epoch=steps)
 
 
@@ -152,7 +221,9 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per variant and round")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all variants")
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--profile", action="store_true",
+                        help="also time the ablations of the default step (where the time goes)")
+    parser.add_argument("--variant", choices=VARIANTS + PROFILE, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.data, args.epochs, args.input_size)))
@@ -181,7 +252,14 @@ def main() -> None:
           f"per variant, each variant in its own process", flush=True)
 
     variants = [v for v in VARIANTS if not (v == "tensors, float32" and precision == "float32")]
-    peaks = [matmul_peak()]
+    variants += list(PROFILE) if args.profile else []
+    precisions = sorted({precision, "float32"})
+
+    def measure_peaks() -> dict[str, float]:
+        return {"numpy float32": matmul_peak(),
+                **{f"tf {p}": tf_matmul_peak(p) for p in precisions}}
+
+    peaks = [measure_peaks()]
     seconds: dict[str, list[float]] = {v: [] for v in variants}
     for round_ in range(args.rounds):
         for variant in variants:
@@ -194,10 +272,13 @@ def main() -> None:
             seconds[variant] += epochs
             print(f"  round {round_ + 1}, {variant}: "
                   f"{' '.join(f'{e:.2f}' for e in epochs)} s/epoch", flush=True)
-        peaks.append(matmul_peak())
-    peak = max(peaks)
-    print(f"numpy float32 matmul peak: {', '.join(f'{p:.1f}' for p in peaks)} GFLOP/s "
-          f"(before and after each round); using the highest, {peak:.1f}")
+        peaks.append(measure_peaks())
+    # The highest of each measured before and after every round: a slow moment on a shared
+    # machine cannot flatter the ratios.
+    peak = {name: max(p[name] for p in peaks) for name in peaks[0]}
+    for name in peak:
+        print(f"{name} matmul peak: {', '.join(f'{p[name]:.1f}' for p in peaks)} GFLOP/s "
+              f"(before and after each round); using the highest, {peak[name]:.1f}")
 
     label = {"plain fit": "plain fit, NumPy arrays, float32",
              "tensors": f"xrayfeat, {precision} (default), tensors in memory",
@@ -205,15 +286,20 @@ def main() -> None:
              "HDF5 streamed": f"xrayfeat, {precision} (default), HDF5 file streamed",
              "tensors, float32": "xrayfeat, float32, tensors in memory"}
     base = statistics.median(seconds["tensors"])
-    print(f"\n{'variant':<48} {'s/epoch':>8} {'img/s':>7} {'GFLOP/s':>8} {'% peak':>7} "
+    own_peaks = ", ".join(f"{p}: {peak['tf ' + p]:.1f}" for p in precisions)
+    print(f"\n'% peak' is against TensorFlow's matmul peak in the variant's own precision "
+          f"({own_peaks} GFLOP/s)")
+    print(f"{'variant':<48} {'s/epoch':>8} {'img/s':>7} {'GFLOP/s':>8} {'% peak':>7} "
           f"{'vs tensors':>10}")
     for variant in variants:
         median = statistics.median(seconds[variant])
         rate = n / median
-        gflops = rate * flops_per_image / 1e9
-        print(f"{label[variant]:<48} {median:8.2f} {rate:7.1f} {gflops:8.1f} "
-              f"{100 * gflops / peak:6.1f}% {median / base:9.3f}x")
-
+        own = "float32" if variant in ("plain fit", "tensors, float32") else precision
+        flops = flops_per_image / 3 if variant == "forward only" else flops_per_image
+        gflops = rate * flops / 1e9
+        name = label.get(variant, f"  ablation: {variant}")
+        print(f"{name:<48} {median:8.2f} {rate:7.1f} {gflops:8.1f} "
+              f"{100 * gflops / peak['tf ' + own]:6.1f}% {median / base:9.3f}x")
 
 if __name__ == "__main__":
     main()

@@ -36,7 +36,7 @@ def deflate(data: bytes, level: int) -> bytes:
 
     ISA-L (the ``isal`` package) compresses at ``min(level, 3)``, its highest: 0.21 ms a
     224 px image against zlib's 1.09 ms at level 1 (about a tenth of a prepared image's
-    cost), for a file 7 % larger (BENCHMARKS.md "Prepare"). Both release the GIL.
+    cost), for a file 7 % larger (BENCHMARKS.md "Prepare").
     """
     if _fast_zlib is not None:
         return _fast_zlib.compress(data, min(level, 3))
