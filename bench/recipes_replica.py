@@ -17,7 +17,8 @@ default recipe's own figures come from ``bench/generalization.py`` (the real CLI
 
 Extra variant keys beyond TrainConfig's fields: ``standardize`` (per-image zero mean, unit
 variance after the rescale, a LayerNormalization over the image) and ``clahe`` (contrast-
-limited histogram equalisation of every stored image, train and test alike).
+limited histogram equalisation of every stored image, train and test alike). ``ema`` works
+on the TensorFlow backend only (Keras 3.15's JAX train step fails with it).
 """
 
 from __future__ import annotations
@@ -142,6 +143,7 @@ def run_one(args) -> dict:
     """Train one (variant, seed) and score it on validation and the test set."""
     import cv2
     import keras
+    from sklearn.metrics import roc_auc_score
 
     from xrayfeat.config import TrainConfig
     from xrayfeat.dataset import load_split
@@ -194,8 +196,6 @@ def run_one(args) -> dict:
             recalibrate_batch_norm(twin, bn_sample)
             scorer = twin
         probs = scorer.predict(va_in, batch_size=256, verbose=0)[:, 1]
-        from sklearn.metrics import roc_auc_score
-
         auc = float(roc_auc_score(val.labels, probs))
         lr = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
         history.append(round(auc, 4))
