@@ -15,7 +15,7 @@ from typing import Callable
 import typer
 from typer.core import TyperGroup
 
-from xrayfeat.atomic import INTERRUPTED, MACHINE_ERRNOS
+from xrayfeat.atomic import INTERRUPTED, MACHINE_ERRNOS, check_not_interrupted
 from xrayfeat.errors import EXIT_INTERRUPTED, EXIT_USAGE, XrayfeatError
 from xrayfeat.render import err_console, escape
 
@@ -104,8 +104,7 @@ def _run(command: Callable, args, kwargs):
     """The command, with the core's exceptions turned into one line and an exit code."""
     try:
         result = command(*args, **kwargs)
-        if INTERRUPTED.is_set():  # dropped on the way, but outputs were not replaced
-            raise KeyboardInterrupt
+        check_not_interrupted()  # a Ctrl-C dropped on the way: outputs were not replaced
         return result
     except XrayfeatError as exc:
         if state["debug"]:

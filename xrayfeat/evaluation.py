@@ -158,7 +158,6 @@ def evaluate_runs(
         raise DatasetError(f"no readable images to evaluate in {data}")
     for run, p in zip(runs, probs):
         if not np.isfinite(p).all():
-
             raise RunError(f"run {run.path}'s model gives no number (NaN or infinite) for "
                            f"{int((~np.isfinite(p).all(axis=1)).sum())} image(s): its weights "
                            "are damaged; retrain it")
