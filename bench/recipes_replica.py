@@ -3,9 +3,10 @@ Keras (any backend), many (variant, seed) runs side by side in parallel processe
 
 Why a replica: the lent GPU machine has no TensorFlow, and xrayfeat's input pipeline is
 tf.data. Everything else is xrayfeat's own: the prepared datasets (``xrayfeat prepare``),
-the model (``build_minivggnet``), the config defaults, the threshold rules and the decision
-rule. The augmentation is ``pipeline.augment_batch`` written with OpenCV (the same affine
-warp, brightness, contrast, blur, gamma and frame), and the epoch loop keeps
+the model (``build_minivggnet``), the config defaults, class weights, the batch-norm
+recalibration of averaged weights, the threshold rules and the decision rule. The
+augmentation is ``pipeline.augment_batch`` written with OpenCV (the same affine warp,
+brightness, contrast, blur, gamma and frame), and the epoch loop keeps
 ``training.RunKeeper``'s rules: the best validation AUC is kept, the learning rate halves
 after 2 epochs without improvement, training stops after 4. Its figures rank recipes; the
 default recipe's own figures come from ``bench/generalization.py`` (the real CLI).
@@ -111,20 +112,6 @@ def build(cfg, size: int, standardize: bool):
     return keras.Model(image, x)
 
 
-def recalibrate_batch_norm(model, images: np.ndarray, batch: int = 32) -> None:
-    """``training.recalibrate_batch_norm``: BN statistics of averaged weights."""
-    import keras
-
-    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    saved = [layer.momentum for layer in bns]
-    for k, start in enumerate(range(0, len(images), batch), start=1):
-        for layer in bns:
-            layer.momentum = (k - 1) / k
-        model(images[start:start + batch], training=True)
-    for layer, m in zip(bns, saved):
-        layer.momentum = m
-
-
 def scores(y, p, threshold):
     from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -148,6 +135,7 @@ def run_one(args) -> dict:
     from xrayfeat.config import TrainConfig
     from xrayfeat.dataset import load_split
     from xrayfeat.thresholds import choose_threshold
+    from xrayfeat.training import class_weights, recalibrate_batch_norm
 
     cv2.setNumThreads(1)
     started = time.perf_counter()
@@ -170,8 +158,9 @@ def run_one(args) -> dict:
     if cfg.ema and keras.backend.backend() == "jax":
         # Keras 3.15's JAX train step with use_ema fails: "donate the same buffer twice".
         raise SystemExit("ema is not supported on the JAX backend")
-    counts = np.bincount(train.labels, minlength=2)
-    weights = len(train.labels) / (2 * counts) if cfg.class_weight == "balanced" else np.ones(2)
+    weights = np.ones(2)
+    if cfg.class_weight == "balanced":
+        weights = np.array(list(class_weights(train.labels, 2).values()))
     bn_rows = np.sort(np.random.default_rng([cfg.seed, 7]).permutation(len(tr_x))[:768])
     bn_sample = tr_x[bn_rows][..., None].astype(np.float32)
     twin = keras.models.clone_model(model) if cfg.ema else None

@@ -52,16 +52,21 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def matmul_peak(n: int = 2048, reps: int = 8) -> float:
-    """GFLOP/s of a NumPy float32 n x n matrix multiply (best of ``reps``)."""
-    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
-    a @ a
+def best_seconds(call, reps: int) -> float:
+    """The fastest of ``reps`` timed calls of ``call`` (after one untimed warm-up call)."""
+    call()
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
-        a @ a
+        call()
         best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
+    return best
+
+
+def matmul_peak(n: int = 2048, reps: int = 8) -> float:
+    """GFLOP/s of a NumPy float32 n x n matrix multiply (best of ``reps``)."""
+    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    return 2 * n**3 / best_seconds(lambda: a @ a, reps) / 1e9
 
 
 def tf_matmul_peak(precision: str, n: int = 2048, reps: int = 20) -> float:
@@ -74,14 +79,9 @@ def tf_matmul_peak(precision: str, n: int = 2048, reps: int = 20) -> float:
     dtype = tf.bfloat16 if precision == "bfloat16" else tf.float32
     a = tf.cast(tf.random.stateless_uniform((n, n), seed=(0, 0)), dtype)
     matmul = tf.function(lambda x: tf.reduce_sum(tf.matmul(x, x)[:1, :1]))
-    for _ in range(3):  # warm-up: oneDNN picks and caches its kernel; AMX needs a start
-        matmul(a).numpy()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        matmul(a).numpy()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
+    for _ in range(2):  # warm-up (with best_seconds' own): oneDNN picks and caches its
+        matmul(a).numpy()  # kernel, and AMX needs a start
+    return 2 * n**3 / best_seconds(lambda: matmul(a).numpy(), reps) / 1e9
 
 
 def make_subset(src: Path, n: int, out: Path) -> Path:
