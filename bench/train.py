@@ -20,8 +20,9 @@ measured on this VM: calling ``fit`` again on a model made the later calls take 
 near-constant 10.24 s per 32 steps (CPU half idle), a slowdown training never meets; and
 in one process, identical pipelines timed one after another differed by 10 %.
 
-``--profile`` adds timed ablations of the default step (tensors in memory), each with one
-part removed: augmentation, augmentation and the in-model resize, batch norm, dropout, Adam
+``--profile`` adds Keras' own (unfused) batch norm and Adam in place of TensorFlow's fused
+kernels that ``xrayfeat train`` uses (xrayfeat.fused_kernels), and timed ablations of the
+default step (tensors in memory), each with one part removed: augmentation, augmentation and the in-model resize, batch norm, dropout, Adam
 (plain SGD), one host round trip per step (``steps_per_execution`` 8); and the forward pass
 alone. What a variant saves against the default is what that part costs.
 
@@ -129,8 +130,9 @@ def time_epochs(model, data, epochs: int, **fit_args) -> list[float]:
 VARIANTS = ("plain fit", "tensors", "HDF5 in RAM", "HDF5 streamed", "tensors, float32")
 #: Timed ablations (``--profile``): each removes one part of the default step, tensors in
 #: memory, so its saving is that part's cost.
-PROFILE = ("no augmentation", "no augmentation, no resize", "no batch norm", "no dropout",
-           "SGD optimizer", "steps_per_execution 8", "forward only")
+PROFILE = ("Keras' own batch norm and Adam", "no augmentation", "no augmentation, no resize",
+           "no batch norm", "no dropout", "SGD optimizer", "steps_per_execution 8",
+           "forward only")
 
 
 def without(model, kinds: tuple):
@@ -157,6 +159,7 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -
 
     from xrayfeat.config import TrainConfig
     from xrayfeat.dataset import load_split, open_dataset
+    from xrayfeat.fused_kernels import fuse_adam, fuse_batch_norm
     from xrayfeat.model import build_minivggnet, resolve_precision
     from xrayfeat.pipeline import make_train_dataset, pipeline_from_arrays
     from xrayfeat.training import class_weights
@@ -189,6 +192,9 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -
                  keras.optimizers.AdamW(config.lr, weight_decay=config.weight_decay))
     model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(),
                   steps_per_execution=8 if variant == "steps_per_execution 8" else 1)
+    if variant not in ("plain fit", "Keras' own batch norm and Adam") and config.fused_kernels:
+        fuse_batch_norm(model)  # as ``xrayfeat train`` does
+        fuse_adam(model.optimizer)
     if variant == "forward only":  # inference over the same images, batch 32
         x = images[..., None].astype(np.float32)
         seconds = []

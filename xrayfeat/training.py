@@ -399,6 +399,11 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
                                                  ema_momentum=config.ema_momentum),
                 loss=keras.losses.CategoricalCrossentropy(),
             )
+        if config.fused_kernels and strategy.num_replicas_in_sync == 1:
+            from xrayfeat.fused_kernels import fuse_adam, fuse_batch_norm
+
+            fuse_batch_norm(model)
+            fuse_adam(model.optimizer)
     train_ds, steps = make_train_dataset(info, config, state["epoch"], weights, n_classes)
     if reporter:
         reporter.on_train_start(config.epochs, state["epoch"], steps)
