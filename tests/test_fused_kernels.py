@@ -91,9 +91,11 @@ def test_fused_adam_updates_weights_and_moments_as_keras_adamw_does():
     assert int(fused_model.optimizer.iterations) == 3
 
 
-def test_fuse_adam_leaves_amsgrad_and_other_optimizers_alone():
+def test_fuse_adam_leaves_amsgrad_other_optimizers_and_strategies_alone():
     assert not fuse_adam(keras.optimizers.Adam(amsgrad=True))
     assert not fuse_adam(keras.optimizers.SGD())
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():  # mirrored variables
+        assert not fuse_adam(keras.optimizers.AdamW())
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])

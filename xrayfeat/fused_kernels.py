@@ -14,8 +14,8 @@ Both are swapped in on the *instances* of one training process, never by a subcl
 resumed run is fused again by ``train``. Inference (``training`` false) is untouched.
 
 What is not swapped keeps Keras' ops: synchronized (multi-replica) batch norm, masked or
-non-4-D inputs (the dense layer's batch norm), AMSGrad, and any optimizer under a
-``tf.distribute`` strategy with more than one replica.
+non-4-D inputs (the dense layer's batch norm), AMSGrad, and training under a
+``tf.distribute`` strategy (``--strategy mirrored`` or ``multi-worker``).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def fuse_adam(optimizer: keras.optimizers.Optimizer) -> bool:
     """
     if not isinstance(optimizer, keras.optimizers.Adam) or optimizer.amsgrad:
         return False
-    if tf.distribute.get_strategy().num_replicas_in_sync > 1:
+    if tf.distribute.has_strategy():  # mirrored variables: keep Keras' update
         return False
     keras_update = optimizer.update_step
 

@@ -351,6 +351,7 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
     n_classes = len(info.classes)
 
     import keras  # TensorFlow starts here, after any prepare workers are done
+    import tensorflow as tf
 
     from xrayfeat.model import build_minivggnet, resolve_precision
 
@@ -399,7 +400,8 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
                                                  ema_momentum=config.ema_momentum),
                 loss=keras.losses.CategoricalCrossentropy(),
             )
-        if config.fused_kernels and strategy.num_replicas_in_sync == 1:
+        # Under --strategy mirrored or multi-worker, variables are mirrored: Keras' own ops.
+        if config.fused_kernels and not tf.distribute.has_strategy():
             from xrayfeat.fused_kernels import fuse_adam, fuse_batch_norm
 
             fuse_batch_norm(model)
