@@ -20,11 +20,12 @@ measured on this VM: calling ``fit`` again on a model made the later calls take 
 near-constant 10.24 s per 32 steps (CPU half idle), a slowdown training never meets; and
 in one process, identical pipelines timed one after another differed by 10 %.
 
-``--profile`` adds Keras' own (unfused) batch norm and Adam in place of TensorFlow's fused
-kernels that ``xrayfeat train`` uses (xrayfeat.fused_kernels), and timed ablations of the
-default step (tensors in memory), each with one part removed: augmentation, augmentation and the in-model resize, batch norm, dropout, Adam
-(plain SGD), one host round trip per step (``steps_per_execution`` 8); and the forward pass
-alone. What a variant saves against the default is what that part costs.
+``--profile`` adds the step with Keras' own batch norm and Adam instead of the fused
+kernels ``xrayfeat train`` uses (xrayfeat.fused_kernels), and timed ablations of the default
+step (tensors in memory), each with one part removed: augmentation, augmentation and the
+in-model resize, batch norm, dropout, Adam (plain SGD), one host round trip per step
+(``steps_per_execution`` 8); and the forward pass alone. What a variant saves against the
+default is what that part costs.
 
 FLOPs are counted from the layers (xrayfeat.model.forward_flops); a training step is
 counted as 3x the forward pass (forward, plus backward for activations and weights).

@@ -18,7 +18,7 @@ PACKAGE = Path(xrayfeat.__file__).resolve().parent
 ROOT = PACKAGE.parent
 #: Modules whose top imports Keras/TensorFlow: importing them inside a function is how the
 #: rest of the package stays light.
-HEAVY = {"xrayfeat.model"}
+HEAVY = {"xrayfeat.model", "xrayfeat.fused_kernels"}
 #: Modules that must import the package at their top (the done-when of the library issue).
 TOP_IMPORTS_ONLY = ["evaluation", "prediction", "figures", "visualize", "contrast", "cams", "export",
                     "layers", "metrics", "thresholds", "api"]

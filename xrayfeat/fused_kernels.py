@@ -2,11 +2,11 @@
 
 Keras 3 writes batch normalization and Adam as chains of small element-wise ops: a batch-norm
 layer on a 64 x 64 x 32 activation runs about a dozen separate passes over it forward and
-backward, and AdamW touches the 8.4 M-parameter dense kernel in a dozen single-threaded
-passes a step. TensorFlow has one kernel for each (``FusedBatchNormV3``, which oneDNN
-accelerates, and ``ResourceApplyAdam``) computing the same arithmetic; profiled on a 2-core
-AMD EPYC they took 0.69x and 0.32x the time of Keras' versions (BENCHMARKS.md, "Training
-speed").
+backward, and AdamW updates the 8.4 M-parameter dense kernel in about ten passes a step.
+TensorFlow has one kernel for each (``FusedBatchNormV3``, which oneDNN accelerates, and
+``ResourceApplyAdam``) computing the same arithmetic; timed alone on a 2-core AMD EPYC they
+took 0.69x and 0.33x the time of Keras' versions, and the whole training step 0.86x
+(BENCHMARKS.md, "Training speed").
 
 Both are swapped in on the *instances* of one training process, never by a subclass, so
 ``model.keras`` and ``last.keras`` still hold Keras' own ``BatchNormalization`` and
