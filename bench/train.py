@@ -20,8 +20,9 @@ measured on this VM: calling ``fit`` again on a model made the later calls take 
 near-constant 10.24 s per 32 steps (CPU half idle), a slowdown training never meets; and
 in one process, identical pipelines timed one after another differed by 10 %.
 
-``--profile`` adds the step with Keras' own batch norm and Adam instead of the fused
-kernels ``xrayfeat train`` uses (xrayfeat.fused_kernels), and timed ablations of the default
+The xrayfeat variants run with TensorFlow's fused batch norm and Adam
+(``fused_kernels = true``, xrayfeat.fused_kernels). ``--profile`` adds the step with Keras'
+own batch norm and Adam instead (what ``xrayfeat train`` runs by default), and timed ablations of the default
 step (tensors in memory), each with one part removed: augmentation, augmentation and the
 in-model resize, batch norm, dropout, Adam (plain SGD), one host round trip per step
 (``steps_per_execution`` 8); and the forward pass alone. What a variant saves against the
@@ -193,8 +194,8 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -
                  keras.optimizers.AdamW(config.lr, weight_decay=config.weight_decay))
     model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(),
                   steps_per_execution=8 if variant == "steps_per_execution 8" else 1)
-    if variant not in ("plain fit", "Keras' own batch norm and Adam") and config.fused_kernels:
-        fuse_batch_norm(model)  # as ``xrayfeat train`` does
+    if variant not in ("plain fit", "Keras' own batch norm and Adam"):
+        fuse_batch_norm(model)  # as ``xrayfeat train`` does with fused_kernels = true
         fuse_adam(model.optimizer)
     if variant == "forward only":  # inference over the same images, batch 32
         x = images[..., None].astype(np.float32)

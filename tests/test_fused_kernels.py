@@ -116,3 +116,18 @@ def test_a_model_trained_fused_saves_as_keras_own_layers(tmp_path, precision):
     assert all(type(layer) is keras.layers.BatchNormalization for layer in batch_norms)
     assert all("call" not in vars(layer) for layer in batch_norms)
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_train_with_fused_kernels_writes_an_ordinary_run(examples_h5, tmp_path):
+    from xrayfeat.config import TrainConfig
+    from xrayfeat.runs import load_run
+    from xrayfeat.training import train
+
+    config = TrainConfig(input_size=32, epochs=2, batch_size=4, width=0.25, fused_kernels=True)
+    result = train(examples_h5, tmp_path / "run", config)
+    assert result.epochs_run == 2 and all(np.isfinite(row["loss"]) for row in result.history)
+    run = load_run(tmp_path / "run")
+    assert run.config.train["fused_kernels"] is True
+    model = run.load_model()  # safe_mode: Keras' own classes only
+    assert all(type(layer) is keras.layers.BatchNormalization
+               for layer in model.layers if "bn" in layer.name)
