@@ -9,10 +9,11 @@ took 0.69x and 0.33x the time of Keras' versions, and the whole training step 0.
 (BENCHMARKS.md, "Training speed").
 
 ``xrayfeat train`` uses them when ``fused_kernels`` is set (off by default: see
-``TrainConfig``). Both are swapped in on the *instances* of one training process, never by a subclass, so
-``model.keras`` and ``last.keras`` still hold Keras' own ``BatchNormalization`` and
-``AdamW``: a saved run loads in plain Keras, with ``safe_mode``, exactly as before, and a
-resumed run with the setting is fused again by ``train``. Inference (``training`` false) is untouched.
+``TrainConfig``). Both are swapped in on the *instances* of one training process, never by
+a subclass, so ``model.keras`` and ``last.keras`` still hold Keras' own
+``BatchNormalization`` and ``AdamW``: a saved run loads in plain Keras, with ``safe_mode``,
+exactly as before, and a resumed run with the setting is fused again by ``train``.
+Inference (``training`` false) is untouched.
 
 What is not swapped keeps Keras' ops: synchronized (multi-replica) batch norm, masked or
 non-4-D inputs (the dense layer's batch norm), AMSGrad, and training under a
