@@ -22,11 +22,11 @@ in one process, identical pipelines timed one after another differed by 10 %.
 
 The xrayfeat variants run with TensorFlow's fused batch norm and Adam
 (``fused_kernels = true``, xrayfeat.fused_kernels). ``--profile`` adds the step with Keras'
-own batch norm and Adam instead (what ``xrayfeat train`` runs by default), and timed ablations of the default
-step (tensors in memory), each with one part removed: augmentation, augmentation and the
-in-model resize, batch norm, dropout, Adam (plain SGD), one host round trip per step
-(``steps_per_execution`` 8); and the forward pass alone. What a variant saves against the
-default is what that part costs.
+own batch norm and Adam instead (what ``xrayfeat train`` runs by default), and timed
+ablations of the fused step (tensors in memory), each with one part removed: augmentation,
+augmentation and the in-model resize, batch norm, dropout, Adam (plain SGD), one host round
+trip per step (``steps_per_execution`` 8); and the forward pass alone. What a variant saves
+against the fused step is what that part costs.
 
 FLOPs are counted from the layers (xrayfeat.model.forward_flops); a training step is
 counted as 3x the forward pass (forward, plus backward for activations and weights).
@@ -130,7 +130,7 @@ def time_epochs(model, data, epochs: int, **fit_args) -> list[float]:
 
 
 VARIANTS = ("plain fit", "tensors", "HDF5 in RAM", "HDF5 streamed", "tensors, float32")
-#: Timed ablations (``--profile``): each removes one part of the default step, tensors in
+#: Timed ablations (``--profile``): each removes one part of the fused step, tensors in
 #: memory, so its saving is that part's cost.
 PROFILE = ("Keras' own batch norm and Adam", "no augmentation", "no augmentation, no resize",
            "no batch norm", "no dropout", "SGD optimizer", "steps_per_execution 8",
@@ -161,7 +161,7 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -
 
     from xrayfeat.config import TrainConfig
     from xrayfeat.dataset import load_split, open_dataset
-    from xrayfeat.fused_kernels import fuse_adam, fuse_batch_norm
+    from xrayfeat.fused_kernels import fuse_training_step
     from xrayfeat.model import build_minivggnet, resolve_precision
     from xrayfeat.pipeline import make_train_dataset, pipeline_from_arrays
     from xrayfeat.training import class_weights
@@ -195,8 +195,7 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -
     model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(),
                   steps_per_execution=8 if variant == "steps_per_execution 8" else 1)
     if variant not in ("plain fit", "Keras' own batch norm and Adam"):
-        fuse_batch_norm(model)  # as ``xrayfeat train`` does with fused_kernels = true
-        fuse_adam(model.optimizer)
+        fuse_training_step(model)  # as ``xrayfeat train`` does with fused_kernels = true
     if variant == "forward only":  # inference over the same images, batch 32
         x = images[..., None].astype(np.float32)
         seconds = []
@@ -230,7 +229,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per variant and round")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all variants")
     parser.add_argument("--profile", action="store_true",
-                        help="also time the ablations of the default step (where the time goes)")
+                        help="also time the ablations of the fused step (where the time goes)")
     parser.add_argument("--variant", choices=VARIANTS + PROFILE, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -289,10 +288,10 @@ def main() -> None:
               f"(before and after each round); using the highest, {peak[name]:.1f}")
 
     label = {"plain fit": "plain fit, NumPy arrays, float32",
-             "tensors": f"xrayfeat, {precision} (default), tensors in memory",
-             "HDF5 in RAM": f"xrayfeat, {precision} (default), HDF5 file in RAM",
-             "HDF5 streamed": f"xrayfeat, {precision} (default), HDF5 file streamed",
-             "tensors, float32": "xrayfeat, float32, tensors in memory"}
+             "tensors": f"xrayfeat fused, {precision}, tensors in memory",
+             "HDF5 in RAM": f"xrayfeat fused, {precision}, HDF5 file in RAM",
+             "HDF5 streamed": f"xrayfeat fused, {precision}, HDF5 file streamed",
+             "tensors, float32": "xrayfeat fused, float32, tensors in memory"}
     base = statistics.median(seconds["tensors"])
     own_peaks = ", ".join(f"{p}: {peak['tf ' + p]:.1f}" for p in precisions)
     print(f"\n'% peak' is against TensorFlow's matmul peak in the variant's own precision "

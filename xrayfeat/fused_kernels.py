@@ -28,6 +28,13 @@ import keras
 import tensorflow as tf
 
 
+def fuse_training_step(model: keras.Model) -> None:
+    """Train ``model`` (compiled) with the fused batch norm and Adam: what ``xrayfeat train``
+    does when ``fused_kernels`` is set, and what ``bench/train.py`` times."""
+    fuse_batch_norm(model)
+    fuse_adam(model.optimizer)
+
+
 def fuse_batch_norm(model: keras.Model) -> int:
     """Make each plain channels-last ``BatchNormalization`` of ``model`` train with
     ``FusedBatchNormV3``; returns how many layers were fused.
@@ -35,11 +42,15 @@ def fuse_batch_norm(model: keras.Model) -> int:
     The moving statistics are updated as Keras does (biased batch variance, the layer's
     momentum at trace time), so the weights and the saved model are Keras' own.
     """
+    if tf.distribute.has_strategy():  # mirrored moving statistics: keep Keras' update
+        return 0
     fused = 0
     for layer in model.layers:
-        if (isinstance(layer, keras.layers.BatchNormalization) and not layer.synchronized
-                and not layer.renorm and layer.axis in (-1, len(layer.input.shape) - 1)
-                and len(layer.input.shape) == 4 and layer.center and layer.scale):
+        if not isinstance(layer, keras.layers.BatchNormalization):
+            continue
+        rank = len(layer.input.shape)
+        if (rank == 4 and layer.axis in (-1, rank - 1) and not layer.synchronized
+                and not layer.renorm and layer.center and layer.scale):
             keras_call = layer.call
             layer.call = types.MethodType(_fused_call(keras_call), layer)
             fused += 1

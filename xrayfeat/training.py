@@ -351,7 +351,6 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
     n_classes = len(info.classes)
 
     import keras  # TensorFlow starts here, after any prepare workers are done
-    import tensorflow as tf
 
     from xrayfeat.model import build_minivggnet, resolve_precision
 
@@ -400,12 +399,10 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
                                                  ema_momentum=config.ema_momentum),
                 loss=keras.losses.CategoricalCrossentropy(),
             )
-        # Under --strategy mirrored or multi-worker, variables are mirrored: Keras' own ops.
-        if config.fused_kernels and not tf.distribute.has_strategy():
-            from xrayfeat.fused_kernels import fuse_adam, fuse_batch_norm
+        if config.fused_kernels:  # under --strategy mirrored/multi-worker: Keras' own ops
+            from xrayfeat.fused_kernels import fuse_training_step
 
-            fuse_batch_norm(model)
-            fuse_adam(model.optimizer)
+            fuse_training_step(model)
     train_ds, steps = make_train_dataset(info, config, state["epoch"], weights, n_classes)
     if reporter:
         reporter.on_train_start(config.epochs, state["epoch"], steps)
