@@ -58,6 +58,8 @@ def test_only_plain_four_dimensional_batch_norm_is_fused():
     # four convolutional batch norms; the dense layer's (2-D) keeps Keras' ops
     assert fuse_batch_norm(model) == 4
     assert fuse_batch_norm(_bn_model(synchronized=True)) == 0
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():  # mirrored moving statistics
+        assert fuse_batch_norm(_bn_model()) == 0
 
 
 def _compiled_model(fused: bool) -> keras.Model:
