@@ -327,3 +327,23 @@ def test_outputs_get_the_umask_permissions_and_reading_the_umask_leaves_it_alone
     for name in ("table.csv", "figure.png"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("directory", [False, True])
+def test_ctrl_c_while_the_temporary_is_made_leaves_nothing(tmp_path, monkeypatch, directory):
+    """KeyboardInterrupt lands between mkstemp and the caller learning the name (here: as
+    the umask is read): the half-made temporary goes, the previous output stays."""
+    from xrayfeat import atomic
+
+    final = tmp_path / "run"
+    final.mkdir() if directory else final.write_text("previous")
+
+    def ctrl_c() -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic, "current_umask", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.atomic_output(final, directory=directory):
+            pytest.fail("the body must not run")
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    assert final.is_dir() if directory else final.read_text() == "previous"

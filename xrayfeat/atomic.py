@@ -30,9 +30,13 @@ def temporary_sibling(final: Path, suffix: str = "") -> Path:
     """
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.{_owner()}.", suffix=f".tmp{suffix}",
                                 dir=final.parent)
-    os.close(fd)
-    # mkstemp makes 0600 files; outputs should get the usual permissions (umask applies).
-    os.chmod(name, 0o666 & ~current_umask())
+    try:
+        os.close(fd)
+        # mkstemp makes 0600 files; outputs should get the usual permissions (umask applies).
+        os.chmod(name, 0o666 & ~current_umask())
+    except BaseException:  # Ctrl-C here: the caller never learns the name, so remove it
+        _remove(Path(name))
+        raise
     return Path(name)
 
 
@@ -193,6 +197,7 @@ def atomic_output(final: str | os.PathLike, *, directory: bool = False) -> Itera
     :class:`UsageError`.
     """
     final = Path(final)
+    tmp: Path | None = None
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         _clean_once(final.parent)
@@ -200,8 +205,12 @@ def atomic_output(final: str | os.PathLike, *, directory: bool = False) -> Itera
         if directory:
             tmp.unlink()
             tmp.mkdir()
-    except OSError as exc:
-        raise write_error(final.parent, exc, "cannot write to") from None
+    except BaseException as exc:  # Ctrl-C included: no temporary is left behind
+        if tmp is not None:
+            _remove(tmp)
+        if isinstance(exc, OSError):
+            raise write_error(final.parent, exc, "cannot write to") from None
+        raise
     try:
         yield tmp
         check_not_interrupted()
