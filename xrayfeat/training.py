@@ -122,12 +122,6 @@ def val_auc(labels: np.ndarray, probs: np.ndarray) -> float:
                                labels=list(range(probs.shape[1]))))
 
 
-# --- run directory ---------------------------------------------------------------------------
-
-
-# --- input pipeline --------------------------------------------------------------------------
-
-
 # --- callbacks -------------------------------------------------------------------------------
 
 
@@ -253,9 +247,6 @@ def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
                 reporter.on_epoch_end(epoch + 1, row)
 
     return RunKeeper()
-
-
-# --- strategy --------------------------------------------------------------------------------
 
 
 # --- the command -----------------------------------------------------------------------------
