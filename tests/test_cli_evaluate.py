@@ -90,3 +90,49 @@ def test_bad_input_is_one_line_exit_2(trained_run, examples_h5, tmp_path):
     cases.append([str(trained_run), str(other)])  # classes differ
     for args in cases:
         one_error_line(runner.invoke(app, ["evaluate", *args]))
+
+
+def test_choose_threshold_applies_train_s_rule_to_these_images(trained_run, examples_h5):
+    """--choose-threshold: the rule train applies to validation, applied to DATA's labelled
+    images grouped by patient, with the figures at the threshold it picks."""
+    import numpy as np
+    import pytest
+
+    from xrayfeat.dataset import load_split
+    from xrayfeat.runs import load_run
+    from xrayfeat.thresholds import choose_threshold
+    from xrayfeat.tta import predict_batch
+
+    args = ["evaluate", str(trained_run), str(examples_h5), "--bootstrap", "200",
+            "--choose-threshold", "sensitivity", "--threshold-sensitivity", "0.8"]
+    chosen = _json(runner.invoke(app, [*args, "--json"]))["threshold_for_these_images"]
+
+    test = load_split(examples_h5, "test")
+    prob = predict_batch(load_run(trained_run).load_model(),
+                         test.images[..., None].astype(np.float32), 1)[:, 1]
+    want = choose_threshold(test.labels, prob, "sensitivity", groups=test.patients,
+                            min_sensitivity=0.8, n_boot=200, seed=0)
+    assert chosen["threshold"] == pytest.approx(want.threshold, abs=1e-6)
+    assert chosen["threshold_method"] == "sensitivity"
+    assert chosen["threshold_min_sensitivity"] == 0.8
+    ci = chosen["threshold_ci"]
+    assert (ci["lower"], ci["upper"]) == pytest.approx(want.ci, abs=1e-6)
+    called = prob >= chosen["threshold"]
+    positive = test.labels == 1
+    assert chosen["sensitivity"] == pytest.approx(called[positive].mean())
+    assert chosen["sensitivity"] >= 0.8
+    assert chosen["specificity"] == pytest.approx(1 - called[~positive].mean())
+    assert chosen["n"] == len(test.labels) == 12
+
+    text = runner.invoke(app, args)  # the terminal says what to do with it, in one line
+    assert text.exit_code == 0, text.output
+    assert f"predict --threshold {chosen['threshold']:.4f}" in " ".join(text.stdout.split())
+
+
+def test_choose_threshold_refuses_unknown_rules_and_targets(trained_run, examples_h5):
+    base = ["evaluate", str(trained_run), str(examples_h5)]
+    unknown = runner.invoke(app, [*base, "--choose-threshold", "median"])
+    assert unknown.exit_code == 2 and "'median' is not one of" in unknown.output
+    target = runner.invoke(app, [*base, "--choose-threshold", "sensitivity",
+                                 "--threshold-sensitivity", "0"])
+    assert "--threshold-sensitivity must be in (0, 1]" in one_error_line(target)

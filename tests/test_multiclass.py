@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import make_synthetic_xray, write_image
+from conftest import make_synthetic_xray, one_error_line, write_image
 from xrayfeat.cli import app
 from xrayfeat.dataset import find_labelled_files, open_dataset, prepare_dataset
 
@@ -76,6 +76,13 @@ def test_evaluate_reports_per_class_and_averages(three_class, tmp_path):
     assert np.array(report["confusion_matrix"]).shape == (3, 3)
     assert np.array(report["confusion_matrix"]).sum() == report["n"] == 15
     assert (tmp_path / "roc_per_class.png").is_file() and (tmp_path / "confusion.png").is_file()
+
+
+def test_choose_threshold_is_refused_for_more_than_two_classes(three_class):
+    _, data, run = three_class
+    result = runner.invoke(app, ["evaluate", str(run), str(data), "--choose-threshold",
+                                 "youden"])
+    assert "--choose-threshold needs binary runs" in one_error_line(result)
 
 
 def test_predict_has_a_probability_column_per_class(three_class, tmp_path):

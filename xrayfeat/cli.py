@@ -220,6 +220,12 @@ def evaluate(
     seed: int = typer.Option(0, help="Seed of the bootstrap."),
     tta: int = typer.Option(1, help="Test-time augmentation: average over this many fixed "
                             "shifted/zoomed views (1 = off)."),
+    choose_threshold: Optional[ThresholdMethod] = typer.Option(
+        None, help="Also pick each binary run's threshold on these labelled images by this "
+        "rule (a site's own threshold, for predict --threshold)."),
+    threshold_sensitivity: float = typer.Option(
+        _DEFAULTS.threshold_sensitivity, help="Target sensitivity of --choose-threshold "
+        "sensitivity."),
     json_out: bool = _JSON,
 ) -> None:
     """Evaluate one or more runs on a dataset split or a class folder.
@@ -234,7 +240,9 @@ def evaluate(
     if threshold is not None and not 0 <= threshold <= 1:
         raise UsageError(f"--threshold must be between 0 and 1, got {threshold}")
     result = api.evaluate(paths[:-1], paths[-1], split=split.value, out=out,
-                          threshold=threshold, n_boot=bootstrap, seed=seed, tta=tta)
+                          threshold=threshold, n_boot=bootstrap, seed=seed, tta=tta,
+                          choose_threshold=_value(choose_threshold),
+                          threshold_sensitivity=threshold_sensitivity)
     render_evaluate(result, json_out)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from xrayfeat import figures
 from xrayfeat.atomic import write_text
 from xrayfeat.csvout import csv_text
-from xrayfeat.choices import SPLITS
+from xrayfeat.choices import SPLITS, THRESHOLD_METHODS
 from xrayfeat.dataset import (find_labelled_files, iter_split, load_split, open_dataset,
                               split_indices)
 from xrayfeat.errors import DatasetError, RunError, UsageError
@@ -28,6 +28,7 @@ from xrayfeat.prediction import predict_files
 from xrayfeat.preprocessing import prepare_file
 from xrayfeat.report import write_report_page
 from xrayfeat.runs import check_dataset_matches, load_run
+from xrayfeat.thresholds import choose_threshold as choose_operating_point
 from xrayfeat.tta import check_views, predict_batch
 
 
@@ -127,15 +128,25 @@ def evaluate_runs(
     n_boot: int = 1000,
     seed: int = 0,
     tta: int = 1,
+    choose_threshold: str | None = None,
+    threshold_sensitivity: float = 0.95,
 ) -> EvaluationResult:
     """Evaluate runs on a dataset split (.h5) or a class folder; write report files to ``out``.
 
     Each run is scored at its own operating threshold (chosen on validation by ``train``)
     unless ``threshold`` is given. Confidence intervals resample patients. ``tta`` > 1
     averages each image's probabilities over that many fixed views (xrayfeat.tta).
+    ``choose_threshold`` (a threshold method) also picks each binary run's threshold on
+    these images: see :func:`threshold_for_these_images`.
     """
 
     check_views(tta)
+    if choose_threshold is not None and choose_threshold not in THRESHOLD_METHODS:
+        raise UsageError(f"--choose-threshold must be one of {', '.join(THRESHOLD_METHODS)}, "
+                         f"got {choose_threshold!r}")
+    if not 0 < threshold_sensitivity <= 1:
+        raise UsageError(f"--threshold-sensitivity must be in (0, 1], got "
+                         f"{threshold_sensitivity}")
     if not run_paths:
         raise UsageError("give at least one run directory before DATA")
     if not data.exists():
@@ -146,6 +157,9 @@ def evaluate_runs(
     if len({tuple(r.classes) for r in runs}) > 1:
         raise DatasetError("the runs have different classes; compare runs trained on the same "
                            "classes")
+    if choose_threshold is not None and len(runs[0].classes) != 2:
+        raise UsageError("--choose-threshold needs binary runs: runs of more classes decide by "
+                         "the most probable class, without a threshold")
     notices: list[str] = []
     left_out: list[tuple[str, str]] = []
     if data.is_dir():
@@ -170,6 +184,10 @@ def evaluate_runs(
                                       groups=patients, n_boot=n_boot, seed=seed)
         report["run"] = str(run.path)
         report["left_out"] = len(left_out)
+        if choose_threshold is not None:
+            report["threshold_for_these_images"] = threshold_for_these_images(
+                labels, prob, run.classes, choose_threshold, groups=patients,
+                min_sensitivity=threshold_sensitivity, n_boot=n_boot, seed=seed)
         reports[name] = report
     files = []
     if out:
@@ -182,6 +200,30 @@ def evaluate_runs(
             stored=_stored_images(data, split, paths, runs[0]))]
     return EvaluationResult(data=str(data), split=split if not data.is_dir() else split,
                             notices=notices, reports=reports, left_out=left_out, files=files)
+
+
+def threshold_for_these_images(labels: np.ndarray, prob: np.ndarray, classes: list[str],
+                               method: str, *, groups: np.ndarray, min_sensitivity: float,
+                               n_boot: int, seed: int) -> dict[str, Any]:
+    """The threshold ``method`` picks on these labelled images, as ``train`` picks one on
+    validation, with its 95 % interval over patients and the figures at it.
+
+    For a site's own labelled images: a threshold chosen on train's validation split need
+    not suit another site's (BENCHMARKS.md, "Generalisation"). The figures are measured on
+    the images the threshold was chosen on, so they flatter it; it is meant for the site's
+    other images (``predict --threshold``).
+    """
+    if len(np.unique(labels)) < 2:
+        raise DatasetError("choosing a threshold needs images of both classes in the data")
+    point = choose_operating_point(labels, prob[:, 1], method, groups=groups,
+                                   min_sensitivity=min_sensitivity, n_boot=n_boot, seed=seed)
+    predicted, _ = decide(prob, classes, point.threshold)
+    predicted, positive = np.asarray(predicted), labels == 1
+    return {**point.to_dict(),
+            "sensitivity": float(np.mean(predicted[positive] == 1)),
+            "specificity": float(np.mean(predicted[~positive] == 0)),
+            "accuracy": float(np.mean(predicted == labels)),
+            "n": int(len(labels))}
 
 
 def _stored_images(data: Path, split: str, paths, run) -> Callable[[list[int]], np.ndarray]:

@@ -274,6 +274,19 @@ def render_evaluate(result, json_out: bool) -> None:
             "{tp} / {fp} / {tn} / {fn}".format(**r["confusion_matrix"])
             for r in result.reports.values()))
     out_console.print(table)
+    for name, report in result.reports.items():
+        chosen = report.get("threshold_for_these_images")
+        if chosen:
+            ci = chosen["threshold_ci"]
+            rule = chosen["threshold_method"] + (
+                f" >= {chosen['threshold_min_sensitivity']}"
+                if chosen["threshold_min_sensitivity"] is not None else "")
+            out_console.print(Text(
+                f"{name}: on these images, {rule} picks threshold {chosen['threshold']:.4f} "
+                f"(95 % CI {ci['lower']:.4f}-{ci['upper']:.4f}; sensitivity "
+                f"{chosen['sensitivity']:.3f}, specificity {chosen['specificity']:.3f} here, "
+                "where it was chosen). For more images of this site: predict --threshold "
+                f"{chosen['threshold']:.4f}"), soft_wrap=True, highlight=False)
     if result.files:
         err_console.print(Text(f"wrote {len(result.files)} file(s) to "
                                f"{Path(result.files[0]).parent}"), highlight=False)
