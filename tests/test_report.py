@@ -103,10 +103,15 @@ def test_several_runs_are_compared_side_by_side(trained_run, tmp_path):
     shutil.copytree(trained_run, other)
     out = tmp_path / "ev"
     result = runner.invoke(app, ["evaluate", str(trained_run), str(other), str(EXAMPLES_DIR),
-                                 "--out", str(out), "--bootstrap", "0"])
+                                 "--out", str(out), "--bootstrap", "0",
+                                 "--choose-threshold", "youden"])
     assert result.exit_code == 0, result.output
     text = (out / "report.html").read_text(encoding="utf-8")
     assert "<th>run</th><th>copy</th>" in text
+    runs = json.loads((out / "metrics.json").read_text())["runs"]
+    chosen = [r["threshold_for_these_images"]["threshold"] for r in runs.values()]
+    row = text.split("threshold chosen on these images (youden)", 1)[1].split("</tr>", 1)[0]
+    assert [f"{t:.4f}" in row for t in chosen] == [True, True]
 
 
 @needs_browser

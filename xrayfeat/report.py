@@ -57,8 +57,23 @@ def _metrics_table(names: Sequence[str], reports: dict[str, dict]) -> str:
         body = "".join(f"<tr><th>{key}</th>" + "".join(f"<td>{_cell(reports[n], key)}</td>"
                                                       for n in names) + "</tr>"
                        for key in _METRIC_ROWS if key in first)
+        body += _site_threshold_row(names, reports)
     head = "<tr><th>metric</th>" + "".join(f"<th>{html.escape(n)}</th>" for n in names)
     return f"<table>{head}</tr>{body}</table>"
+
+
+def _site_threshold_row(names: Sequence[str], reports: dict[str, dict]) -> str:
+    """``evaluate --choose-threshold`` (every run, or none): the threshold picked on these
+    images, per run."""
+    chosen = [reports[n].get("threshold_for_these_images") for n in names]
+    if not chosen[0]:
+        return ""
+    cells = "".join(
+        f"<td>{c['threshold']:.4f} <span class=\"note\">({c['threshold_ci']['lower']:.3f}-"
+        f"{c['threshold_ci']['upper']:.3f}); sensitivity {c['sensitivity']:.3f}, specificity "
+        f"{c['specificity']:.3f} on the images it was chosen on</span></td>" for c in chosen)
+    return (f"<tr><th>threshold chosen on these images "
+            f"({html.escape(chosen[0]['threshold_method'])})</th>{cells}</tr>")
 
 
 def _provenance(names: Sequence[str], runs: Sequence[Any]) -> str:
