@@ -126,10 +126,10 @@ def prediction_rows(preds: Path) -> list[dict]:
     return rows
 
 
-def true_labels(preds: Path, run: Path) -> np.ndarray:
+def true_labels(rows: list[dict], run: Path) -> np.ndarray:
     """The true class of each row of ``predict``'s CSV, from its folder name."""
     classes = json.loads((run / "config.json").read_text())["classes"]
-    return np.array([classes.index(Path(r["path"]).parent.name) for r in prediction_rows(preds)])
+    return np.array([classes.index(Path(r["path"]).parent.name) for r in rows])
 
 
 def score_test_dev(run: Path, test_dev: Path, predict_options: list[str], out: Path) -> dict:
@@ -139,7 +139,7 @@ def score_test_dev(run: Path, test_dev: Path, predict_options: list[str], out: P
              stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - started
     rows = prediction_rows(preds)
-    labels = true_labels(preds, run)
+    labels = true_labels(rows, run)
     prob = np.array([float(r["probability"]) for r in rows])
     threshold = float(rows[0]["threshold"])
     return {**binary_scores(labels, prob, threshold), "predict_seconds": seconds,
@@ -180,9 +180,9 @@ def posthoc(result: dict, args) -> dict:
     result["val_auc_mean_jump"] = float(np.abs(np.diff(aucs[2:])).mean()) if len(aucs) > 3 \
         else float("nan")
     if "hindsight_accuracy" not in result["test_dev"]:  # rows from before it was measured
-        preds = run / "test_dev_predictions.csv"
-        prob = np.array([float(r["probability"]) for r in prediction_rows(preds)])
-        result["test_dev"].update(hindsight(true_labels(preds, run), prob))
+        rows = prediction_rows(run / "test_dev_predictions.csv")
+        prob = np.array([float(r["probability"]) for r in rows])
+        result["test_dev"].update(hindsight(true_labels(rows, run), prob))
     data, _ = prepared(args.out, args.train, result.get("prepare_options", []))
     if "test_dev_by_threshold_method" not in result:
         test = score_test_dev(run, args.test_dev, result["predict_options"], run)

@@ -23,7 +23,7 @@ from xrayfeat.choices import SPLITS, THRESHOLD_METHODS
 from xrayfeat.dataset import (find_labelled_files, iter_split, load_split, open_dataset,
                               split_indices)
 from xrayfeat.errors import DatasetError, RunError, UsageError
-from xrayfeat.metrics import decide, evaluate_predictions
+from xrayfeat.metrics import binary_metrics, decide, evaluate_predictions
 from xrayfeat.prediction import predict_files
 from xrayfeat.preprocessing import prepare_file
 from xrayfeat.report import write_report_page
@@ -186,7 +186,7 @@ def evaluate_runs(
         report["left_out"] = len(left_out)
         if choose_threshold is not None:
             report["threshold_for_these_images"] = threshold_for_these_images(
-                labels, prob, run.classes, choose_threshold, groups=patients,
+                labels, prob, choose_threshold, groups=patients,
                 min_sensitivity=threshold_sensitivity, n_boot=n_boot, seed=seed)
         reports[name] = report
     files = []
@@ -202,8 +202,8 @@ def evaluate_runs(
                             notices=notices, reports=reports, left_out=left_out, files=files)
 
 
-def threshold_for_these_images(labels: np.ndarray, prob: np.ndarray, classes: list[str],
-                               method: str, *, groups: np.ndarray, min_sensitivity: float,
+def threshold_for_these_images(labels: np.ndarray, prob: np.ndarray, method: str, *,
+                               groups: np.ndarray, min_sensitivity: float,
                                n_boot: int, seed: int) -> dict[str, Any]:
     """The threshold ``method`` picks on these labelled images, as ``train`` picks one on
     validation, with its 95 % interval over patients and the figures at it.
@@ -217,13 +217,9 @@ def threshold_for_these_images(labels: np.ndarray, prob: np.ndarray, classes: li
         raise DatasetError("choosing a threshold needs images of both classes in the data")
     point = choose_operating_point(labels, prob[:, 1], method, groups=groups,
                                    min_sensitivity=min_sensitivity, n_boot=n_boot, seed=seed)
-    predicted, _ = decide(prob, classes, point.threshold)
-    predicted, positive = np.asarray(predicted), labels == 1
-    return {**point.to_dict(),
-            "sensitivity": float(np.mean(predicted[positive] == 1)),
-            "specificity": float(np.mean(predicted[~positive] == 0)),
-            "accuracy": float(np.mean(predicted == labels)),
-            "n": int(len(labels))}
+    at = binary_metrics(labels, prob[:, 1], point.threshold)
+    return {**point.to_dict(), **{k: at[k] for k in ("sensitivity", "specificity",
+                                                     "accuracy", "n")}}
 
 
 def _stored_images(data: Path, split: str, paths, run) -> Callable[[list[int]], np.ndarray]:
