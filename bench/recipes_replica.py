@@ -199,8 +199,14 @@ def run_one(args) -> dict:
                 lr_wait = 0
             if wait >= cfg.early_stopping_patience:
                 break
+    from generalization import hindsight  # bench/ is this script's folder
+
+    # Hindsight (the best single threshold on the test set itself) is a diagnosis, never a
+    # result; the raw test scores let later analyses (ensembles, spreads) need no rerun.
     result = {"best_epoch": best["epoch"], "val_auc_history": history,
-              "seconds": round(time.perf_counter() - started, 1)}
+              "seconds": round(time.perf_counter() - started, 1),
+              **hindsight(test_y, best["test"]),
+              "test_prob": [round(float(p), 5) for p in best["test"]]}
     for method in ("sensitivity", "youden"):
         point = choose_threshold(val.labels, best["val"], method, groups=val.patients,
                                  min_sensitivity=cfg.threshold_sensitivity, seed=cfg.seed,
