@@ -1,12 +1,12 @@
 """TensorFlow's fused kernels for the training step, with the saved model left as it is.
 
-Keras 3 writes batch normalization and Adam as chains of small element-wise ops: a batch-norm
-layer on a 64 x 64 x 32 activation runs about a dozen separate passes over it forward and
-backward, and AdamW updates the 8.4 M-parameter dense kernel in about ten passes a step.
-TensorFlow has one kernel for each (``FusedBatchNormV3``, which oneDNN accelerates, and
-``ResourceApplyAdam``) computing the same arithmetic; timed alone on a 2-core AMD EPYC they
-took 0.69x and 0.33x the time of Keras' versions, and the whole training step 0.86x
-(BENCHMARKS.md, "Training speed").
+Keras 3 writes batch normalization and AdamW as chains of small element-wise ops: a
+batch-norm layer on a 64 x 64 x 32 activation runs about a dozen separate passes over it
+forward and backward, and AdamW updates the 8.4 M-parameter dense kernel in about ten passes
+a step, plus one for the weight decay. Here batch norm trains with TensorFlow's one kernel
+(``FusedBatchNormV3``, which oneDNN accelerates) and each AdamW update, decay included, is
+one XLA-compiled pass, computing the same arithmetic (BENCHMARKS.md, "Training speed", has
+what each saves).
 
 ``xrayfeat train`` uses them when ``fused_kernels`` is set (off by default: see
 ``TrainConfig``). Both are swapped in on the *instances* of one training process, never by
@@ -80,35 +80,70 @@ def _fused_call(keras_call):
 
 
 def fuse_adam(optimizer: keras.optimizers.Optimizer) -> bool:
-    """Make ``optimizer`` (Keras ``Adam`` or ``AdamW``) update each variable with TensorFlow's
-    ``ResourceApplyAdam``; returns whether it did.
+    """Make ``optimizer`` (Keras ``Adam`` or ``AdamW``) update each float32 variable in one
+    XLA-compiled pass, decoupled weight decay included; returns whether it did.
 
-    The update is Keras' formula (``m``, ``v`` and the bias-corrected step size, epsilon
-    outside the square root); AdamW's decoupled weight decay is applied by Keras before it,
-    unchanged, and so is the optimizer's moving average of the weights (``use_ema``).
+    The arithmetic is Keras' own, operation for operation: the decay ``w - w * wd * lr``
+    first, then ``m``, ``v`` and ``w -= m * alpha / (sqrt(v) + epsilon)`` with the
+    bias-corrected ``alpha``. Keras runs the decay as a separate pass over every weight
+    before the update, and the update as about ten more; on the 8.4 M-parameter dense
+    kernel the decay alone took longer than TensorFlow's ``ResourceApplyAdam``
+    (BENCHMARKS.md, "Training speed"). Which weights decay is still Keras' decision
+    (``exclude_from_weight_decay``); the optimizer's moving average of the weights
+    (``use_ema``) is still updated by Keras after the step.
     """
     if not isinstance(optimizer, keras.optimizers.Adam) or optimizer.amsgrad:
         return False
     if tf.distribute.has_strategy():  # mirrored variables: keep Keras' update
         return False
     keras_update = optimizer.update_step
+    keras_decay = optimizer._apply_weight_decay
+
+    def apply_weight_decay(self, variables):
+        # float32 weights decay inside their fused update below, in the same pass
+        keras_decay([v for v in variables if v.dtype != "float32"])
 
     def update_step(self, gradient, variable, learning_rate):
-        if isinstance(gradient, tf.IndexedSlices) or variable.dtype != "float32":
+        if variable.dtype != "float32":
+            return keras_update(gradient, variable, learning_rate)
+        if isinstance(gradient, tf.IndexedSlices):  # sparse: decay, then Keras' update
+            keras_decay([variable])
             return keras_update(gradient, variable, learning_rate)
         index = self._get_variable_index(variable)
-        step = tf.cast(self.iterations + 1, tf.float32)
-        tf.raw_ops.ResourceApplyAdam(
-            var=_handle(variable), m=_handle(self._momentums[index]),
-            v=_handle(self._velocities[index]),
-            beta1_power=tf.pow(tf.cast(self.beta_1, tf.float32), step),
-            beta2_power=tf.pow(tf.cast(self.beta_2, tf.float32), step),
-            lr=tf.cast(learning_rate, tf.float32), beta1=tf.cast(self.beta_1, tf.float32),
-            beta2=tf.cast(self.beta_2, tf.float32), epsilon=tf.cast(self.epsilon, tf.float32),
-            grad=tf.cast(gradient, tf.float32))
+        decays = self.weight_decay is not None and self._use_weight_decay(variable)
+        _adamw_step(_handle(variable), _handle(self._momentums[index]),
+                    _handle(self._velocities[index]), tf.cast(gradient, tf.float32),
+                    tf.cast(learning_rate, tf.float32),
+                    tf.cast(self.weight_decay if decays else 0.0, tf.float32),
+                    tf.cast(self.iterations + 1, tf.float32),
+                    tf.cast(self.beta_1, tf.float32), tf.cast(self.beta_2, tf.float32),
+                    # as Keras rounds them: 1 - beta in Python, then to float32
+                    tf.cast(1 - self.beta_1, tf.float32), tf.cast(1 - self.beta_2, tf.float32),
+                    tf.cast(self.epsilon, tf.float32))
 
+    optimizer._apply_weight_decay = types.MethodType(apply_weight_decay, optimizer)
     optimizer.update_step = types.MethodType(update_step, optimizer)
     return True
+
+
+@tf.function(jit_compile=True)
+def _adamw_step(variable, m, v, gradient, lr, weight_decay, step, beta_1, beta_2,
+                one_minus_beta_1, one_minus_beta_2, epsilon):
+    """Keras' AdamW update of one variable, compiled by XLA into one pass over the weights,
+    the gradient and both moments (a weight decay of 0 leaves the weights exactly as
+    they are). The variables come as resource handles: a function that took the variables
+    themselves would keep referring to the first model's."""
+    def read(handle):
+        return tf.raw_ops.ReadVariableOp(resource=handle, dtype=tf.float32)
+
+    w, m_, v_ = read(variable), read(m), read(v)
+    w = w - w * weight_decay * lr
+    alpha = lr * tf.sqrt(1 - tf.pow(beta_2, step)) / (1 - tf.pow(beta_1, step))
+    m_ = m_ + (gradient - m_) * one_minus_beta_1
+    v_ = v_ + (tf.square(gradient) - v_) * one_minus_beta_2
+    w = w - m_ * alpha / (tf.sqrt(v_) + epsilon)
+    for handle, value in ((m, m_), (v, v_), (variable, w)):
+        tf.raw_ops.AssignVariableOp(resource=handle, value=value)
 
 
 def _handle(variable) -> tf.Tensor:
