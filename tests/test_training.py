@@ -183,6 +183,21 @@ def test_resume_ignores_a_tensorboard_folder_saved_in_the_run(examples_h5, tmp_p
     assert not elsewhere.exists()
 
 
+def test_a_run_from_before_a_setting_resumes_as_it_was_trained(examples_h5, tmp_path):
+    # Settings added since a run was written resume as that run trained, not as the
+    # current default (which may differ): same arithmetic, same augmentation.
+    from xrayfeat.training import _resumed_config
+
+    run = tmp_path / "run"
+    train(examples_h5, run, _tiny_config(epochs=1))
+    config = json.loads((run / "config.json").read_text())
+    assert _resumed_config(run, TrainConfig()).fused_kernels is TrainConfig().fused_kernels
+    del config["train"]["fused_kernels"]
+    (run / "config.json").write_text(json.dumps(config))
+    assert _resumed_config(run, TrainConfig()).fused_kernels is False
+    assert TrainConfig().fused_kernels is True  # and not because the default is off
+
+
 @pytest.mark.parametrize("damage", ["no_history", "no_train"])
 def test_resume_of_a_damaged_run_is_a_one_line_error(examples_h5, tmp_path, damage):
     import zipfile

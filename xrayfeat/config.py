@@ -80,10 +80,9 @@ class TrainConfig:
     precision: str = "auto"  # "auto", "float32" or "bfloat16"; auto = bfloat16 on CPUs with
     # native bfloat16 (AVX512_BF16/AMX), measured 1.3x faster at the same validation AUC.
     # Weights, softmax and the saved model stay float32 either way.
-    fused_kernels: bool = False  # train batch norm and AdamW with TensorFlow's fused kernels:
-    # the same arithmetic in fewer passes (xrayfeat.fused_kernels), 1.17x faster steps; off by
-    # default until more seeds of bench/generalization.py show its held-out accuracy
-    # unchanged (3 seeds came out 1.1 points lower: BENCHMARKS.md "Training speed")
+    fused_kernels: bool = True  # train batch norm with TensorFlow's fused kernel and AdamW in
+    # one XLA pass: the same arithmetic in fewer passes (xrayfeat.fused_kernels); the default
+    # since its held-out accuracy was shown unchanged (BENCHMARKS.md "Training speed")
 
     # Input pipeline
     memory_budget_mb: int = 4096  # datasets smaller than this are held in RAM, else streamed

@@ -433,6 +433,7 @@ def _resumed_config(out: Path, given: TrainConfig) -> TrainConfig:
         raise RunError(f"{out / CONFIG_FILE} is damaged (no train settings); cannot resume")
     settings = {**settings, "tensorboard": given.tensorboard}
     settings.setdefault("precision", "float32")  # runs from before the setting
+    settings.setdefault("fused_kernels", False)  # a resumed run keeps its arithmetic
     config = checked_settings(settings, str(out / CONFIG_FILE))
     config.epochs = max(config.epochs, given.epochs)
     return config
