@@ -20,10 +20,10 @@ measured on this VM: calling ``fit`` again on a model made the later calls take 
 near-constant 10.24 s per 32 steps (CPU half idle), a slowdown training never meets; and
 in one process, identical pipelines timed one after another differed by 10 %.
 
-The xrayfeat variants run with TensorFlow's fused batch norm and Adam
-(``fused_kernels = true``, xrayfeat.fused_kernels). ``--profile`` adds the step with Keras'
-own batch norm and Adam instead (what ``xrayfeat train`` runs by default), the step with
-only the batch norm fused (what the one-pass AdamW update saves), and timed
+The xrayfeat variants run with the fused batch norm and one-pass AdamW that ``xrayfeat
+train`` uses by default (``fused_kernels``, xrayfeat.fused_kernels). ``--profile`` adds the
+step with Keras' own batch norm and AdamW instead (``fused_kernels = false``), the step
+with only the batch norm fused (what the one-pass AdamW update saves), and timed
 ablations of the fused step (tensors in memory), each with one part removed: augmentation,
 augmentation and the in-model resize, batch norm, dropout, Adam (plain SGD), one host round
 trip per step (``steps_per_execution`` 8); and the forward pass alone. What a variant saves
@@ -34,6 +34,7 @@ counted as 3x the forward pass (forward, plus backward for activations and weigh
 
     xrayfeat prepare ../shared/data/kermany_224/train --out data/k224.h5
     python bench/train.py --data data/k224.h5 [--images 1024] [--input-size 96] [--profile]
+        [--only VARIANT ...]
 """
 
 from __future__ import annotations
@@ -234,6 +235,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all variants")
     parser.add_argument("--profile", action="store_true",
                         help="also time the ablations of the fused step (where the time goes)")
+    parser.add_argument("--only", action="append", choices=VARIANTS + PROFILE, default=[],
+                        help="time only these variants (repeatable; 'tensors' is always "
+                             "timed, as the baseline of the ratios)")
     parser.add_argument("--variant", choices=VARIANTS + PROFILE, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -264,6 +268,8 @@ def main() -> None:
 
     variants = [v for v in VARIANTS if not (v == "tensors, float32" and precision == "float32")]
     variants += list(PROFILE) if args.profile else []
+    if args.only:
+        variants = [v for v in VARIANTS + PROFILE if v in args.only or v == "tensors"]
     precisions = sorted({precision, "float32"})
 
     def measure_peaks() -> dict[str, float]:
