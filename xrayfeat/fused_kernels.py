@@ -84,9 +84,9 @@ def fuse_adam(optimizer: keras.optimizers.Optimizer) -> bool:
     """Make ``optimizer`` (Keras ``Adam`` or ``AdamW``) update each float32 variable in one
     XLA-compiled pass, decoupled weight decay included; returns whether it did.
 
-    The arithmetic is Keras' own, operation for operation: the decay ``w - w * wd * lr``
-    first, then ``m``, ``v`` and ``w -= m * alpha / (sqrt(v) + epsilon)`` with the
-    bias-corrected ``alpha``. Keras runs the decay as a separate pass over every weight
+    The formula is Keras' own, term for term (XLA may round a multiply-add differently): the
+    decay ``w - w * wd * lr`` first, then ``m``, ``v`` and ``w -= m * alpha / (sqrt(v) +
+    epsilon)`` with the bias-corrected ``alpha``. Keras runs the decay as a separate pass over every weight
     before the update, and the update as about ten more; on the 8.4 M-parameter dense
     kernel the decay alone took longer than TensorFlow's ``ResourceApplyAdam``
     (BENCHMARKS.md, "Training speed"). Which weights decay is still Keras' decision
