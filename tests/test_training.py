@@ -274,6 +274,25 @@ def test_no_horizontal_flip_by_default():
     np.testing.assert_allclose(out, x, atol=1e-3)
 
 
+def test_augmentation_blur_is_a_gaussian_with_reflected_edges():
+    # The blur is written as shifted slices for speed; OpenCV's separable filter with the
+    # same taps and reflected edges (BORDER_REFLECT_101, TensorFlow's REFLECT) is the truth.
+    import cv2
+    import tensorflow as tf
+
+    from xrayfeat.pipeline import _gaussian_blur
+
+    images = np.random.default_rng(2).uniform(0, 255, (3, 40, 40, 1)).astype("float32")
+    sigma = 40 / 64
+    taps = np.exp(-np.arange(-2.0, 3.0) ** 2 / (2 * sigma**2))
+    taps /= taps.sum()
+    want = np.stack([cv2.sepFilter2D(im[..., 0], cv2.CV_32F, taps, taps,
+                                     borderType=cv2.BORDER_REFLECT_101) for im in images])
+    got = _gaussian_blur(tf.constant(images), tf.constant(sigma, tf.float32)).numpy()
+    np.testing.assert_allclose(got[..., 0], want, atol=1e-3)
+    assert np.abs(got - images).mean() > 1.0  # it did blur
+
+
 def test_acquisition_augmentations_do_what_they_say():
     import tensorflow as tf
 
