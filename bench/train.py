@@ -23,7 +23,8 @@ in one process, identical pipelines timed one after another differed by 10 %.
 The xrayfeat variants run with the fused batch norm and one-pass AdamW that ``xrayfeat
 train`` uses by default (``fused_kernels``, xrayfeat.fused_kernels). ``--profile`` adds the
 step with Keras' own batch norm and AdamW instead (``fused_kernels = false``), the step
-with only the batch norm fused (what the one-pass AdamW update saves), and timed
+with only the batch norm fused (what the one-pass AdamW update saves), the step with the
+acquisition augmentations on (what they add), and timed
 ablations of the fused step (tensors in memory), each with one part removed: augmentation,
 augmentation and the in-model resize, batch norm, dropout, Adam (plain SGD), one host round
 trip per step (``steps_per_execution`` 8); and the forward pass alone. What a variant saves
@@ -134,8 +135,8 @@ def time_epochs(model, data, epochs: int, **fit_args) -> list[float]:
 VARIANTS = ("plain fit", "tensors", "HDF5 in RAM", "HDF5 streamed", "tensors, float32")
 #: Timed ablations (``--profile``): each removes one part of the fused step, tensors in
 #: memory, so its saving is that part's cost.
-PROFILE = ("Keras' own batch norm and Adam", "fused batch norm, Keras' AdamW", "no augmentation",
-           "no augmentation, no resize",
+PROFILE = ("Keras' own batch norm and Adam", "fused batch norm, Keras' AdamW",
+           "acquisition augmentation", "no augmentation", "no augmentation, no resize",
            "no batch norm", "no dropout", "SGD optimizer", "steps_per_execution 8",
            "forward only")
 
@@ -180,6 +181,8 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -
     images, stored = arrays.images, info.size
     if variant.startswith("no augmentation"):
         config.augment = False
+    if variant == "acquisition augmentation":  # what blur, gamma and frame add to the step
+        config.blur, config.gamma, config.frame = 1.0, 0.4, 0.1
     if variant == "no augmentation, no resize":  # images already at the input size
         images = np.stack([cv2.resize(im, (config.input_size,) * 2, interpolation=cv2.INTER_AREA)
                            for im in images])
