@@ -192,10 +192,14 @@ def test_a_run_from_before_a_setting_resumes_as_it_was_trained(examples_h5, tmp_
     train(examples_h5, run, _tiny_config(epochs=1))
     config = json.loads((run / "config.json").read_text())
     assert _resumed_config(run, TrainConfig()).fused_kernels is TrainConfig().fused_kernels
-    del config["train"]["fused_kernels"]
+    for key in ("fused_kernels", "blur", "gamma", "frame"):
+        del config["train"][key]
     (run / "config.json").write_text(json.dumps(config))
-    assert _resumed_config(run, TrainConfig()).fused_kernels is False
-    assert TrainConfig().fused_kernels is True  # and not because the default is off
+    resumed = _resumed_config(run, TrainConfig())
+    assert resumed.fused_kernels is False
+    assert (resumed.blur, resumed.gamma, resumed.frame) == (0.0, 0.0, 0.0)
+    # and not because the defaults are off
+    assert TrainConfig().fused_kernels is True and TrainConfig().blur > 0
 
 
 @pytest.mark.parametrize("damage", ["no_history", "no_train"])
@@ -269,7 +273,8 @@ def test_no_horizontal_flip_by_default():
 
     x = np.zeros((2, 32, 32, 1), np.float32)
     x[:, :, :8] = 200.0  # bright left edge
-    config = TrainConfig(rotation_deg=0, shift=0, zoom=0, brightness=0, contrast=0)
+    config = TrainConfig(rotation_deg=0, shift=0, zoom=0, brightness=0, contrast=0, blur=0,
+                         gamma=0, frame=0)
     out = augment_batch(tf.constant(x), tf.constant([5, 6]), config).numpy()
     np.testing.assert_allclose(out, x, atol=1e-3)
 
@@ -300,20 +305,21 @@ def test_acquisition_augmentations_do_what_they_say():
 
     rng = np.random.default_rng(1)
     x = tf.constant(rng.uniform(40, 215, (64, 32, 32, 1)).astype("float32"))
-    still = {"rotation_deg": 0, "shift": 0, "zoom": 0, "brightness": 0, "contrast": 0}
+    still = {"rotation_deg": 0, "shift": 0, "zoom": 0, "brightness": 0, "contrast": 0,
+             "blur": 0, "gamma": 0, "frame": 0}
     seeds = tf.constant([3, 4])
     # Blur or sharpen: the mean stays, the pixel-to-pixel variation moves both ways.
-    out = augment_batch(x, seeds, TrainConfig(**still, blur=1.0)).numpy()
+    out = augment_batch(x, seeds, TrainConfig(**{**still, "blur": 1.0})).numpy()
     detail = np.abs(np.diff(out, axis=2)).mean(axis=(1, 2, 3))
     before = np.abs(np.diff(x.numpy(), axis=2)).mean(axis=(1, 2, 3))
     assert (detail < before * 0.9).any() and (detail > before * 1.1).any()
     np.testing.assert_allclose(out.mean(), x.numpy().mean(), rtol=0.02)
     # Gamma maps 0 and 255 onto themselves and moves mid-tones.
     ends = tf.constant(np.tile(np.array([0.0, 255.0], np.float32), (8, 8, 16))[..., None])
-    np.testing.assert_allclose(augment_batch(ends, seeds, TrainConfig(**still, gamma=0.5)),
+    np.testing.assert_allclose(augment_batch(ends, seeds, TrainConfig(**{**still, "gamma": 0.5})),
                                ends, atol=1e-3)
     # A black frame on about half the images, never wider than asked.
-    out = augment_batch(x, seeds, TrainConfig(**still, frame=0.25)).numpy()
+    out = augment_batch(x, seeds, TrainConfig(**{**still, "frame": 0.25})).numpy()
     framed = (out[:, 0, :, 0] == 0).all(axis=1)
     assert 0.2 < framed.mean() < 0.8
     assert (out[:, 8:24, 8:24] > 0).all()

@@ -434,6 +434,8 @@ def _resumed_config(out: Path, given: TrainConfig) -> TrainConfig:
     settings = {**settings, "tensorboard": given.tensorboard}
     settings.setdefault("precision", "float32")  # runs from before the setting
     settings.setdefault("fused_kernels", False)  # a resumed run keeps its arithmetic
+    for key in ("blur", "gamma", "frame"):  # and its augmentation
+        settings.setdefault(key, 0.0)
     config = checked_settings(settings, str(out / CONFIG_FILE))
     config.epochs = max(config.epochs, given.epochs)
     return config
