@@ -21,16 +21,14 @@ near-constant 10.24 s per 32 steps (CPU half idle), a slowdown training never me
 in one process, identical pipelines timed one after another differed by 10 %.
 
 The xrayfeat variants run as ``xrayfeat train`` does by default: the fused batch norm and
-one-pass AdamW (``fused_kernels``, xrayfeat.fused_kernels), the acquisition augmentations,
-and the 224 -> 64 px resize in the input pipeline with the step training the layers after
-it (xrayfeat.model.training_view). ``--profile`` adds the step with Keras' own batch norm
-and AdamW instead (``fused_kernels = false``), the step with only the batch norm fused
-(what the one-pass AdamW update saves), the step with the resize inside the model (what
-moving it into the pipeline saves), and timed ablations of the default step (tensors in
-memory), each with one part removed: the acquisition augmentations, all augmentation,
-augmentation and the resize, batch norm, dropout, Adam (plain SGD), one host round trip per
-step (``steps_per_execution`` 8); and the forward pass alone. What an ablation saves
-against the default step is what that part costs.
+one-pass AdamW (``fused_kernels``, xrayfeat.fused_kernels) and the acquisition
+augmentations. ``--profile`` adds the step with Keras' own batch norm and AdamW instead
+(``fused_kernels = false``), the step with only the batch norm fused (what the one-pass
+AdamW update saves), and timed ablations of the default step (tensors in memory), each with
+one part removed: the acquisition augmentations, all augmentation, augmentation and the
+in-model resize, batch norm, dropout, Adam (plain SGD), one host round trip per step
+(``steps_per_execution`` 8); and the forward pass alone. What an ablation saves against
+the default step is what that part costs.
 
 FLOPs are counted from the layers (xrayfeat.model.forward_flops); a training step is
 counted as 3x the forward pass (forward, plus backward for activations and weights).
@@ -43,7 +41,6 @@ counted as 3x the forward pass (forward, plus backward for activations and weigh
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -139,8 +136,7 @@ VARIANTS = ("plain fit", "tensors", "HDF5 in RAM", "HDF5 streamed", "tensors, fl
 #: Timed ablations (``--profile``): each removes one part of the fused step, tensors in
 #: memory, so its saving is that part's cost.
 PROFILE = ("Keras' own batch norm and Adam", "fused batch norm, Keras' AdamW",
-           "resize in the model", "no acquisition augmentation", "no augmentation",
-           "no augmentation, no resize",
+           "no acquisition augmentation", "no augmentation", "no augmentation, no resize",
            "no batch norm", "no dropout", "SGD optimizer", "steps_per_execution 8",
            "forward only")
 
@@ -170,7 +166,7 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -
     from xrayfeat.config import TrainConfig
     from xrayfeat.dataset import load_split, open_dataset
     from xrayfeat.fused_kernels import fuse_batch_norm, fuse_training_step
-    from xrayfeat.model import build_minivggnet, resolve_precision, training_view
+    from xrayfeat.model import build_minivggnet, resolve_precision
     from xrayfeat.pipeline import make_train_dataset, pipeline_from_arrays
     from xrayfeat.training import class_weights
 
@@ -202,12 +198,6 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -
         model = without(model, (keras.layers.Dropout,))
     optimizer = (keras.optimizers.SGD(config.lr) if variant == "SGD optimizer" else
                  keras.optimizers.AdamW(config.lr, weight_decay=config.weight_decay))
-    pipeline_config = config
-    if variant in ("plain fit", "forward only", "resize in the model"):
-        # The stored images go to the whole model, which resizes them itself.
-        pipeline_config = dataclasses.replace(config, input_size=stored)
-    else:
-        model = training_view(model)  # the pipeline resizes, as ``xrayfeat train`` does
     model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(),
                   steps_per_execution=8 if variant == "steps_per_execution 8" else 1)
     if variant == "fused batch norm, Keras' AdamW":  # what the fused AdamW update saves
@@ -229,11 +219,11 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -
     if variant in ("HDF5 in RAM", "HDF5 streamed"):  # read into RAM (the default) or streamed
         if variant == "HDF5 streamed":
             config.memory_budget_mb = 0
-        dataset, _ = make_train_dataset(info, pipeline_config, 0, weights, 2)
+        dataset, _ = make_train_dataset(info, config, 0, weights, 2)
     else:  # tensors already in memory: no file at all
         dataset, _ = pipeline_from_arrays(tf.constant(images),
                                           tf.constant(arrays.labels, tf.int32),
-                                          pipeline_config, 0, weights, 2)
+                                          config, 0, weights, 2)
     return time_epochs(model, dataset, epochs, steps_per_epoch=steps)
 
 

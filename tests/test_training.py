@@ -85,55 +85,6 @@ def test_bfloat16_model_has_a_float32_twin_with_the_same_weights():
     np.testing.assert_allclose(mixed, exact, atol=0.02)
 
 
-def test_training_the_view_on_pipeline_resized_batches_trains_the_model_as_itself():
-    import keras
-    import tensorflow as tf
-
-    from xrayfeat.model import build_minivggnet, training_view
-    from xrayfeat.pipeline import pipeline_from_arrays, resize_to_input
-
-    rng = np.random.default_rng(3)
-    stored = rng.integers(0, 256, (16, 48, 48)).astype(np.uint8)
-    labels = np.arange(16) % 2
-
-    def built():
-        keras.utils.set_random_seed(5)
-        return build_minivggnet(2, input_size=32, stored_size=48, width=0.25)
-
-    model = built()
-    view = training_view(model)
-    assert view.input_shape == (None, 32, 32, 1)
-    assert view.get_layer("block1_conv1") is model.get_layer("block1_conv1")
-    unresized = build_minivggnet(2, input_size=32, stored_size=32, width=0.25)
-    assert training_view(unresized) is unresized
-
-    # The pipeline's resize is the model's resize layer, to the bit.
-    x = stored[..., None].astype(np.float32)
-    np.testing.assert_array_equal(resize_to_input(tf.constant(x), 32).numpy(),
-                                  model.get_layer("resize")(x).numpy())
-    config = TrainConfig(input_size=32, batch_size=8, augment=False, epochs=1)
-    dataset, steps = pipeline_from_arrays(tf.constant(stored), tf.constant(labels, tf.int32),
-                                          config, 0, {0: 1.0, 1: 1.0}, 2)
-    batches = list(dataset)
-    assert steps == 2 and batches[0][0].shape == (8, 32, 32, 1)
-
-    # Stepping the view on those batches trains the model's own weights as stepping the
-    # whole model on the stored images would.
-    def fit(trained, inputs):
-        trained.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="categorical_crossentropy")
-        for images, one_hot, _ in inputs:
-            trained.train_on_batch(images, one_hot)
-
-    fit(view, batches)
-    whole = built()
-    order = epoch_order(16, config.seed, 0)  # the pipeline's order of epoch 0
-    fit(whole, [(x[idx], one_hot, None)
-                for idx, (_, one_hot, _) in zip(np.split(order, 2), batches)])
-    for a, b in zip(model.get_weights(), whole.get_weights()):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert not np.allclose(model.get_weights()[0], built().get_weights()[0])  # it did train
-
-
 def test_validation_scoring_traces_once_and_matches_the_model():
     from xrayfeat.model import build_minivggnet
     from xrayfeat.training import _FORWARD, predict_local

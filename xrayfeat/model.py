@@ -8,8 +8,6 @@ version uses ``axis=1``, which normalises over image rows by mistake.
 The model takes the stored dataset images as they are (``(size, size, 1)``, 0-255) and its
 first two layers resize them to the input size and scale them to [0, 1]: every command feeds
 the same stored images, so resizing and scaling can never differ between train and predict.
-Training alone steps ``training_view(model)``, the layers after the resize, and resizes each
-batch in its input pipeline with the same op (``xrayfeat.pipeline.resize_to_input``).
 """
 
 from __future__ import annotations
@@ -101,7 +99,6 @@ def build_minivggnet(
     if stored_size != input_size:
         # Antialiased bilinear: no aliasing when shrinking 224 -> 64, and unlike "area" it
         # has a gradient, which saliency and Grad-CAM through the input need.
-        # xrayfeat.pipeline.resize_to_input is this layer's op (tested equal)
         x = layers.Resizing(input_size, input_size, interpolation="bilinear", antialias=True,
                             dtype="float32", name="resize")(x)
     x = layers.Rescaling(1.0 / 255.0, dtype="float32", name="rescale")(x)
@@ -128,22 +125,6 @@ def build_minivggnet(
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32",
                            name="predictions")(x)
     return keras.Model(inputs, outputs, name=name)
-
-
-def training_view(model: keras.Model) -> keras.Model:
-    """The layers of ``model`` after its ``resize`` layer, as a model of their own that takes
-    images already at the input size; ``model`` itself when it has no resize layer.
-
-    They are the same layer objects, so training the view trains ``model``. ``xrayfeat
-    train`` steps the view and resizes each batch in the tf.data pipeline, beside the step
-    instead of inside it (BENCHMARKS.md, "Training speed"); what is saved, scored and
-    exported is always ``model``.
-    """
-    try:
-        resize = model.get_layer("resize")
-    except ValueError:
-        return model
-    return keras.Model(resize.output, model.output, name=f"{model.name}_training")
 
 
 #: Layers of an ensemble's i-th member are named ``member{i}_{layer}`` (build_ensemble).

@@ -2,9 +2,7 @@
 and the tf.data stream that feeds ``fit``.
 
 Order and augmentation are seeded by (seed, epoch), so a resumed run sees the same batches
-it would have seen uninterrupted. Augmentation runs on the stored images, in the graph; then
-each batch is resized to the model's input size here, beside the training step, with the
-op of the model's own ``resize`` layer (the step trains ``xrayfeat.model.training_view``).
+it would have seen uninterrupted. Augmentation runs on the stored images, in the graph.
 """
 
 from __future__ import annotations
@@ -99,9 +97,8 @@ def _gaussian_blur(images, sigma):
 
 def make_train_dataset(info: DatasetInfo, config: TrainConfig, initial_epoch: int,
                        weights: dict[int, float], n_classes: int):
-    """tf.data pipeline of ``(images, one_hot, sample_weight)``, images at
-    ``config.input_size``, for epochs ``initial_epoch .. config.epochs - 1``; returns the
-    dataset and its steps per epoch.
+    """tf.data pipeline of ``(images, one_hot, sample_weight)`` for epochs
+    ``initial_epoch .. config.epochs - 1``; returns the dataset and its steps per epoch.
 
     The train split is held in RAM when it fits ``memory_budget_mb`` (read once from the
     HDF5 file), else streamed from the file batch by batch.
@@ -131,7 +128,7 @@ def pipeline_from_arrays(images, labels, config: TrainConfig, initial_epoch: int
                          weights: dict[int, float], n_classes: int):
     """The training pipeline over images ``(N, S, S)`` uint8 and labels already in memory.
 
-    Augmentation warps the stored images, before the antialiased resize to the input size: an
+    Augmentation warps the stored images, before the model's own antialiased resize: an
     augmentation at the input size (one bilinear warp of 64 px images) was tried for speed,
     and blurred the training images relative to the validation ones; its one measured run
     scored validation AUC 0.984 against 0.992 (BENCHMARKS.md).
@@ -149,18 +146,9 @@ def pipeline_from_arrays(images, labels, config: TrainConfig, initial_epoch: int
                             n, config, initial_epoch, weights, n_classes)
 
 
-def resize_to_input(images, size: int):
-    """``images`` ``(b, S, S, 1)`` float32 resized to ``size`` exactly as the model's
-    ``resize`` layer does (antialiased bilinear; tested equal to it)."""
-    import tensorflow as tf
-
-    return tf.image.resize(images, (size, size), method="bilinear", antialias=True)
-
-
 def _finish_pipeline(source, load, n: int, config: TrainConfig, initial_epoch: int,
                      weights: dict[int, float], n_classes: int):
-    """One parallel map per batch: ``load`` it, augment, resize to the input size, one-hot,
-    weight; then prefetch."""
+    """One parallel map per batch: ``load`` it, augment, one-hot, weight; then prefetch."""
     import tensorflow as tf
 
     steps = math.ceil(n / config.batch_size)
@@ -174,8 +162,6 @@ def _finish_pipeline(source, load, n: int, config: TrainConfig, initial_epoch: i
         if config.augment:
             seeds = tf.stack([tf.constant(config.seed, tf.int64), batch_id])
             x = augment_batch(x, tf.cast(seeds, tf.int32), config)
-        if x.shape[1] != config.input_size:
-            x = resize_to_input(x, config.input_size)
         one_hot = tf.one_hot(y, n_classes)
         if config.label_smoothing:
             one_hot = one_hot * (1 - config.label_smoothing) + config.label_smoothing / n_classes

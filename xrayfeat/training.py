@@ -161,11 +161,9 @@ def recalibrate_batch_norm(model, images: np.ndarray) -> None:
 
 # A Keras callback closed over the run's state: checkpointing, early stopping, the
 # learning-rate schedule and EMA scoring must agree epoch by epoch, so they live together.
-def _make_keeper(model, out: Path, val_images: np.ndarray, val_labels: np.ndarray,
+def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
                  config: TrainConfig, state: dict, reporter: TrainReporter | None,
                  bn_sample: np.ndarray):
-    """The callback of a run whose full model is ``model``; ``fit`` drives its training view
-    (``self.model``), which shares every layer and the optimizer with it."""
     import keras
 
     from xrayfeat.model import float32_twin, is_float32
@@ -174,9 +172,8 @@ def _make_keeper(model, out: Path, val_images: np.ndarray, val_labels: np.ndarra
         """Validation AUC, best/last checkpoints, plateau LR, early stopping, CSV history.
 
         One callback owns all training state so that ``state.json`` can restore it exactly.
-        It scores and saves the full ``model`` (stored images in, resize included); a model
-        trained in bfloat16 is scored and saved as its float32 twin, so validation and
-        every later command see the same float32 model.
+        A model trained in bfloat16 is scored and saved as its float32 twin, so validation
+        and every later command see the same float32 model.
         """
 
         _twin = None
@@ -184,14 +181,14 @@ def _make_keeper(model, out: Path, val_images: np.ndarray, val_labels: np.ndarra
         def scoring_model(self):
             """The model validation scores and ``model.keras`` saves: float32, and with the
             optimizer's moving average of the weights when ``ema`` is on."""
-            if is_float32(model) and not config.ema:
-                return model
+            if is_float32(self.model) and not config.ema:
+                return self.model
             if self._twin is None:
-                self._twin = float32_twin(model)
+                self._twin = float32_twin(self.model)
             else:
-                self._twin.set_weights(model.get_weights())
+                self._twin.set_weights(self.model.get_weights())
             if config.ema:
-                averages = model.optimizer._model_variables_moving_average
+                averages = self.model.optimizer._model_variables_moving_average
                 for variable, average in zip(self._twin.trainable_variables, averages):
                     variable.assign(keras.ops.cast(average, variable.dtype))
                 recalibrate_batch_norm(self._twin, bn_sample)
@@ -205,8 +202,7 @@ def _make_keeper(model, out: Path, val_images: np.ndarray, val_labels: np.ndarra
             self._t0 = time.perf_counter()
             # Dropout draws from per-layer seed generators whose state a saved model does
             # not restore; seeding them by (seed, epoch) makes a resumed epoch identical.
-            # (Numbered by the full model's layers, as before training views existed.)
-            for i, layer in enumerate(model.layers):
+            for i, layer in enumerate(self.model.layers):
                 generator = getattr(layer, "seed_generator", None)
                 if generator is not None:
                     generator.state.assign(np.array([config.seed * 1000 + i, epoch],
@@ -220,7 +216,7 @@ def _make_keeper(model, out: Path, val_images: np.ndarray, val_labels: np.ndarra
             eps = 1e-7
             val_loss = float(-np.mean(np.log(np.clip(
                 probs[np.arange(len(val_labels)), val_labels], eps, 1.0))))
-            lr = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             logs.update(val_auc=auc, val_loss=val_loss, lr=lr)
             row = {"epoch": epoch + 1, "loss": float(logs.get("loss", float("nan"))),
                    "val_loss": val_loss, "val_auc": auc, "lr": lr,
@@ -236,14 +232,14 @@ def _make_keeper(model, out: Path, val_images: np.ndarray, val_labels: np.ndarra
                 state["lr_wait"] += 1
                 if state["lr_wait"] >= config.lr_patience and lr > config.min_lr:
                     new_lr = max(config.min_lr, lr * config.lr_factor)
-                    model.optimizer.learning_rate = new_lr
+                    self.model.optimizer.learning_rate = new_lr
                     state["lr_wait"] = 0
                 if state["wait"] >= config.early_stopping_patience:
-                    self.model.stop_training = True  # the model fit is driving
+                    self.model.stop_training = True
                     state["stopped_early"] = True
             state["epoch"] = epoch + 1
             with atomic_output(out / LAST_FILE) as tmp:
-                model.save(tmp)  # with optimizer state, for --resume
+                self.model.save(tmp)  # with optimizer state, for --resume
                 embed_state(tmp, state)  # one rename makes weights and state current
             write_history(out / HISTORY_FILE, state["history"])
             write_json(out / STATE_FILE, state)  # the same state, for people and scripts
@@ -347,7 +343,7 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
 
     import keras  # TensorFlow starts here, after any prepare workers are done
 
-    from xrayfeat.model import build_minivggnet, resolve_precision, training_view
+    from xrayfeat.model import build_minivggnet, resolve_precision
 
     keras.utils.set_random_seed(config.seed)
     precision = resolve_precision(config.precision)
@@ -394,30 +390,25 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
                                                  ema_momentum=config.ema_momentum),
                 loss=keras.losses.CategoricalCrossentropy(),
             )
-        # The step trains the layers after the resize; the pipeline resizes each batch.
-        trainer = training_view(model)
-        if trainer is not model:
-            trainer.compile(optimizer=model.optimizer,
-                            loss=keras.losses.CategoricalCrossentropy())
         if config.fused_kernels:  # under --strategy mirrored/multi-worker: Keras' own ops
             from xrayfeat.fused_kernels import fuse_training_step
 
-            fuse_training_step(trainer)
+            fuse_training_step(model)
     train_ds, steps = make_train_dataset(info, config, state["epoch"], weights, n_classes)
     if reporter:
         reporter.on_train_start(config.epochs, state["epoch"], steps)
     bn_sample = _bn_sample(info, config) if config.ema else np.zeros((0,))
-    callbacks = [_make_keeper(model, out, val.images[..., None], val.labels, config, state,
-                              reporter, bn_sample)]
+    callbacks = [_make_keeper(out, val.images[..., None], val.labels, config, state, reporter,
+                              bn_sample)]
     if config.tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(config.tensorboard))
     already_stopped = state.get("stopped_early", False)
     if state["epoch"] < config.epochs and not already_stopped:
         if config.strategy == "multi-worker":
-            fit_multi_worker(trainer, strategy, train_ds, steps, config, state["epoch"],
+            fit_multi_worker(model, strategy, train_ds, steps, config, state["epoch"],
                              callbacks)
         else:
-            trainer.fit(train_ds, epochs=config.epochs, initial_epoch=state["epoch"],
+            model.fit(train_ds, epochs=config.epochs, initial_epoch=state["epoch"],
                       steps_per_epoch=steps, callbacks=callbacks, verbose=0, shuffle=False)
 
     return _finish(out, info, val, state, config, started)
