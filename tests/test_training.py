@@ -351,6 +351,20 @@ def test_run_directory_describes_itself(trained_run: Path):
     run = load_run(trained_run)
     model = run.load_model()
     assert model.input_shape == (None, 224, 224, 1)
+    # The deployable model is the weights alone; the optimizer's state is the checkpoint's.
+    assert "optimizer" not in _weight_groups(trained_run / "model.keras")
+    assert "optimizer" in _weight_groups(trained_run / "last.keras")
+
+
+def _weight_groups(keras_file: Path) -> set[str]:
+    """The top-level groups of the weights file inside a ``.keras`` archive."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(keras_file) as archive:
+        weights = io.BytesIO(archive.read("model.weights.h5"))
+    with h5py.File(weights, "r") as h5:
+        return set(h5.keys())
 
 
 def _tiny_config(**kw) -> TrainConfig:

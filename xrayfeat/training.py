@@ -166,23 +166,24 @@ def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
                  bn_sample: np.ndarray):
     import keras
 
-    from xrayfeat.model import float32_twin, is_float32
+    from xrayfeat.model import float32_twin
 
     class RunKeeper(keras.callbacks.Callback):
         """Validation AUC, best/last checkpoints, plateau LR, early stopping, CSV history.
 
         One callback owns all training state so that ``state.json`` can restore it exactly.
-        A model trained in bfloat16 is scored and saved as its float32 twin, so validation
-        and every later command see the same float32 model.
+        Validation scores, and ``model.keras`` saves, a float32 twin of the trained model
+        without the optimizer: a model trained in bfloat16 is seen as float32 by validation
+        and every later command, and the deployable file holds the weights alone (the Adam
+        moments, two thirds of a checkpoint, live in ``last.keras`` only).
         """
 
         _twin = None
 
         def scoring_model(self):
-            """The model validation scores and ``model.keras`` saves: float32, and with the
-            optimizer's moving average of the weights when ``ema`` is on."""
-            if is_float32(self.model) and not config.ema:
-                return self.model
+            """The model validation scores and ``model.keras`` saves: float32, without the
+            optimizer, and with the optimizer's moving average of the weights when ``ema``
+            is on."""
             if self._twin is None:
                 self._twin = float32_twin(self.model)
             else:
