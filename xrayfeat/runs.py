@@ -2,7 +2,8 @@
 
 Layout written by ``train``::
 
-    RUN/model.keras         best epoch by validation ROC AUC (what predict/evaluate load)
+    RUN/model.keras         best epoch by validation ROC AUC, float32 weights alone (what
+                            predict/evaluate load)
     RUN/last.keras          last finished epoch, with optimizer state, for --resume
     RUN/state.json          where training stands (epoch, best AUC, patience counters)
     RUN/config.json         every setting, classes, preprocessing, data hash, versions
