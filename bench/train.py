@@ -2,7 +2,7 @@
 
 Measured in one run, on the same machine, so the ratios mean something even when the
 absolute numbers drift:
-- the limit each step runs against: TensorFlow's (oneDNN's) 2048 x 2048 matrix multiply
+- the limit each step runs against: TensorFlow's own 2048 x 2048 matrix multiply
   in the step's own precision (bfloat16 where the CPU has it natively, else float32), best
   of 20 warm repetitions, measured before and after every round (the highest is used, so
   a slow moment cannot flatter the ratios); NumPy's float32 rate is printed beside it;
@@ -76,7 +76,7 @@ def matmul_peak(n: int = 2048, reps: int = 8) -> float:
 
 
 def tf_matmul_peak(precision: str, n: int = 2048, reps: int = 20) -> float:
-    """GFLOP/s of TensorFlow's (oneDNN's) n x n matrix multiply in ``precision``, the best
+    """GFLOP/s of TensorFlow's n x n matrix multiply in ``precision``, the best
     of ``reps`` warm repetitions: the limit a training step in that precision runs against
     (bfloat16 on AMX is several times the float32 rate, so a float32 peak would flatter a
     bfloat16 step)."""
@@ -137,9 +137,14 @@ VARIANTS = ("plain fit", "tensors", "HDF5 in RAM", "HDF5 streamed", "tensors, fl
 #: memory, so its saving is that part's cost.
 PROFILE = ("Keras' own batch norm and Adam", "fused batch norm, Keras' AdamW",
            "no acquisition augmentation", "no augmentation", "no augmentation, no resize",
-           "tf.data on one thread", "no batch norm", "no dropout", "SGD optimizer",
-           "steps_per_execution 8",
+           "tf.data on one thread", "oneDNN on", "oneDNN off", "no batch norm", "no dropout",
+           "SGD optimizer", "steps_per_execution 8",
            "forward only")
+
+
+#: Variants that force TensorFlow's oneDNN kernels on or off (xrayfeat turns them on on
+#: every x86-64 CPU; TensorFlow alone only on those with AVX512_VNNI, AVX512_BF16 or AMX).
+ONEDNN = {"oneDNN on": "1", "oneDNN off": "0"}
 
 
 def without(model, kinds: tuple):
@@ -258,6 +263,7 @@ def main() -> None:
     from xrayfeat.config import TrainConfig
     from xrayfeat.dataset import open_dataset
     from xrayfeat.model import build_minivggnet, forward_flops, resolve_precision
+    from xrayfeat.runs import tensorflow_kernels
 
     config = TrainConfig()
     input_size = args.input_size or config.input_size
@@ -268,7 +274,8 @@ def main() -> None:
     flops_per_image = 3 * forward_flops(build_minivggnet(2, input_size=input_size,
                                                          stored_size=stored))
     print(f"machine: {platform.node()}, {os.cpu_count()} cores, tensorflow {tf.__version__}, "
-          f"numpy {np.__version__}")
+          f"numpy {np.__version__}; TensorFlow's CPU kernels: {tensorflow_kernels()} "
+          f"(TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')})")
     print(f"model: MiniVGGNet, input {input_size} px from {stored} px stored images, "
           f"batch {config.batch_size}; default precision here: {precision}; "
           f"{flops_per_image / 1e9:.3f} GFLOP per training image")
@@ -293,7 +300,11 @@ def main() -> None:
                    "--epochs", str(args.epochs)]
             if args.input_size:
                 cmd += ["--input-size", str(args.input_size)]
-            out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+            env = dict(os.environ)
+            if variant in ONEDNN:  # read by TensorFlow at import, so set for the process
+                env["TF_ENABLE_ONEDNN_OPTS"] = ONEDNN[variant]
+            out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True,
+                                 env=env).stdout
             epochs = json.loads(out.strip().splitlines()[-1])
             seconds[variant] += epochs
             print(f"  round {round_ + 1}, {variant}: "

@@ -343,6 +343,7 @@ def swap_in(new: Path, out: Path) -> None:
 
 
 def versions() -> dict[str, str]:
+    """Package versions, and which CPU kernels TensorFlow runs, for a run's config.json."""
     import cv2
     import h5py
     import keras
@@ -350,8 +351,17 @@ def versions() -> dict[str, str]:
     import tensorflow as tf
 
     return {"xrayfeat": __version__, "python": platform.python_version(),
-            "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
+            "tensorflow": tf.__version__, "tensorflow_kernels": tensorflow_kernels(),
+            "keras": keras.__version__, "numpy": np.__version__,
             "h5py": h5py.__version__, "opencv": cv2.__version__, "scikit-learn": sklearn.__version__}
+
+
+def tensorflow_kernels() -> str:
+    """``oneDNN`` or ``Eigen``: which CPU kernels this process's TensorFlow runs (they round
+    differently, so a run records it)."""
+    from tensorflow.python.util import _pywrap_util_port  # no public API says it
+
+    return "oneDNN" if _pywrap_util_port.IsMklEnabled() else "Eigen"
 
 
 #: The training state inside ``last.keras`` (a zip file Keras loads without looking at it).
