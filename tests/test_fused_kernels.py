@@ -48,7 +48,9 @@ def test_fused_batch_norm_matches_keras_forward_backward_and_moving_statistics()
     # The moving statistics really moved (towards mean 3, variance 4), in both.
     assert np.all(got[-2] > 0.2) and np.all(got[-1] > 1.2)
 
-    # Inference uses the moving statistics through Keras' own call, unchanged.
+    # Inference uses the moving statistics through Keras' own call, unchanged: with the
+    # same weights and statistics, the same numbers to the bit.
+    fused_bn.set_weights(keras_bn.get_weights())
     inference = [_forward_backward(m, x, weights, training=False)[0] for m in (keras_bn, fused_bn)]
     np.testing.assert_array_equal(inference[0], inference[1])
 
