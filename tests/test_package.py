@@ -4,11 +4,14 @@ command and option, the version and type hints ship with it."""
 from __future__ import annotations
 
 import ast
+import os
+import platform
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 import typer
 
 import xrayfeat
@@ -86,6 +89,21 @@ def test_importing_the_core_does_not_import_tensorflow():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="oneDNN is chosen on x86-64 only")
+@pytest.mark.parametrize("user_setting, kernels", [(None, "oneDNN"), ("0", "Eigen")])
+def test_tensorflow_runs_onednn_kernels_unless_the_user_said_otherwise(user_setting, kernels):
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    if user_setting is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = user_setting
+    code = ("import xrayfeat; from xrayfeat.runs import tensorflow_kernels; "
+            "print(tensorflow_kernels())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == kernels
 
 
 def test_the_version_comes_from_the_package_metadata():
