@@ -27,8 +27,10 @@ augmentations. ``--profile`` adds the step with Keras' own batch norm and AdamW 
 AdamW update saves), and timed ablations of the default step (tensors in memory), each with
 one part removed: the acquisition augmentations, all augmentation, augmentation and the
 in-model resize, batch norm, dropout, Adam (plain SGD), one host round trip per step
-(``steps_per_execution`` 8); and the forward pass alone. What an ablation saves against
-the default step is what that part costs.
+(``steps_per_execution`` 8); the step with TensorFlow's oneDNN kernels forced on or off
+(``TF_ENABLE_ONEDNN_OPTS``, which xrayfeat sets to 1 on x86-64), and with the input pipeline
+on one thread; and the forward pass alone. What an ablation saves against the default step
+is what that part costs.
 
 FLOPs are counted from the layers (xrayfeat.model.forward_flops); a training step is
 counted as 3x the forward pass (forward, plus backward for activations and weights).
