@@ -57,6 +57,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
+# Before TensorFlow: xrayfeat chooses its CPU kernels (oneDNN on x86-64), so the peak and
+# every variant run on the kernels ``xrayfeat train`` uses.
+import xrayfeat  # noqa: E402,F401
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
