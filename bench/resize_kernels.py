@@ -1,6 +1,7 @@
 """The model's 224 -> 64 px antialiased resize, timed alone: Keras' ``Resizing`` layer
 (TensorFlow's ``ScaleAndTranslate``, what training runs) against the same resize as two
-matrix products (``xrayfeat.export.resize_matrix``, what exported models run).
+matrix products (the layer ``xrayfeat.export.deployable`` puts in its place, what exported
+models run).
 
 It tells whether the resize is worth moving or rewriting for training speed: one batch of
 the default step (32 images) against the step's ~500 ms.
@@ -19,6 +20,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
+import xrayfeat  # noqa: E402,F401  (before TensorFlow: the CPU kernels training uses)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -31,21 +34,19 @@ def main() -> None:
     import keras
     import tensorflow as tf
 
-    from xrayfeat.export import resize_matrix
+    from xrayfeat.export import deployable
+    from xrayfeat.runs import tensorflow_kernels
 
     images = tf.constant(np.random.default_rng(0).uniform(
         0, 255, (args.batch, args.source, args.source, 1)).astype(np.float32))
-    layer = keras.layers.Resizing(args.target, args.target, interpolation="bilinear",
-                                  antialias=True)
-    matrix = tf.constant(resize_matrix(args.source, args.target))
-
-    def as_matrices(x):
-        rows = tf.matmul(matrix, x[..., 0])
-        return tf.matmul(rows, matrix, transpose_b=True)[..., None]
-
-    kernels = {"Resizing layer (ScaleAndTranslate)": tf.function(lambda x: layer(x)),
-               "two matrix products": tf.function(as_matrices)}
-    print(f"machine: {platform.node()}, {os.cpu_count()} cores, tensorflow {tf.__version__}; "
+    inputs = keras.Input((args.source, args.source, 1))
+    resize = keras.Model(inputs, keras.layers.Resizing(
+        args.target, args.target, interpolation="bilinear", antialias=True)(inputs))
+    exported = deployable(resize)  # the same resize as two matrix products
+    kernels = {"Resizing layer (ScaleAndTranslate)": tf.function(lambda x: resize(x)),
+               "two matrix products (export)": tf.function(lambda x: exported(x))}
+    print(f"machine: {platform.node()}, {os.cpu_count()} cores, tensorflow {tf.__version__} "
+          f"({tensorflow_kernels()} kernels); "
           f"{args.batch} images {args.source} -> {args.target} px, best and median of "
           f"{args.reps} after a warm-up")
     best = {}
