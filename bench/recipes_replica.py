@@ -5,10 +5,10 @@ Why a replica: the lent GPU machine has no TensorFlow, and xrayfeat's input pipe
 tf.data. Everything else is xrayfeat's own: the prepared datasets (``xrayfeat prepare``),
 the model (``build_minivggnet``), the config defaults, class weights, the batch-norm
 recalibration of averaged weights, the threshold rules and the decision rule. The
-augmentation is ``pipeline.augment_batch`` written with OpenCV (the same affine warp,
-brightness, contrast, blur, gamma and frame), and the epoch loop keeps
-``training.RunKeeper``'s rules: the best validation AUC is kept, the learning rate halves
-after 2 epochs without improvement, training stops after 4. Its figures rank recipes; the
+augmentation is ``pipeline.augment_arrays`` (OpenCV, as in ``xrayfeat train``) with
+parameters drawn by NumPy, and the epoch loop keeps ``training.RunKeeper``'s rules: the
+best validation AUC is kept, the learning rate halves after 2 epochs without improvement,
+training stops after 4. Its figures rank recipes; the
 default recipe's own figures come from ``bench/generalization.py`` (the real CLI).
 
 ``--test`` is only predicted (at the threshold chosen on validation), never fitted on.
@@ -58,39 +58,28 @@ def clahe(images: np.ndarray) -> np.ndarray:
 
 
 def augment(images: np.ndarray, rng: np.random.Generator, cfg) -> np.ndarray:
-    """``pipeline.augment_batch`` with OpenCV: float32 (n, S, S) in 0-255."""
-    import cv2
+    """``pipeline.augment_batch`` with NumPy's random parameters: float32 (n, S, S) in 0-255.
+
+    The pixels are xrayfeat's own (``pipeline.augment_arrays``, OpenCV); only the draws
+    come from ``rng`` instead of TensorFlow's stateless ops."""
+    from xrayfeat.pipeline import PARAMETERS, augment_arrays
 
     n, size = len(images), images.shape[1]
     u = lambda lo, hi: rng.uniform(lo, hi, n)  # noqa: E731
     theta = u(-1, 1) * cfg.rotation_deg * math.pi / 180
     zoom = 1 + u(-cfg.zoom, cfg.zoom)
     tx, ty = u(-cfg.shift, cfg.shift) * size, u(-cfg.shift, cfg.shift) * size
-    contrast, brightness = 1 + u(-cfg.contrast, cfg.contrast), u(-cfg.brightness, cfg.brightness) * 255
-    blur, gamma = u(-cfg.blur, cfg.blur), np.exp(u(-cfg.gamma, cfg.gamma))
-    frame = u(0, cfg.frame) * size * (u(0, 1) < 0.5)
     c = (size - 1) / 2
-    out = np.empty((n, size, size), np.float32)
-    for i in range(n):
-        cos, sin = math.cos(theta[i]) / zoom[i], math.sin(theta[i]) / zoom[i]
-        m = np.array([[cos, -sin, c - cos * c + sin * c + tx[i]],
-                      [sin, cos, c - sin * c - cos * c + ty[i]]], np.float32)
-        x = cv2.warpAffine(images[i].astype(np.float32), m, (size, size),
-                           flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        mean = x.mean()
-        x = np.clip((x - mean) * contrast[i] + mean + brightness[i], 0, 255)
-        if cfg.blur:
-            blurred = cv2.GaussianBlur(x, (5, 5), size / 64, borderType=cv2.BORDER_REFLECT_101)
-            x = np.clip(x + blur[i] * (blurred - x), 0, 255)
-        if cfg.gamma:
-            x = 255 * np.power(x / 255, gamma[i])
-        if cfg.frame and frame[i] > 0:
-            pos = np.arange(size)
-            inside = ((pos >= frame[i]) & (pos < size - frame[i])).astype(np.float32)
-            x = x * inside[:, None] * inside[None, :]
-        out[i] = x
-    return out
+    cos, sin = np.cos(theta) / zoom, np.sin(theta) / zoom
+    draws = {"a0": cos, "a1": -sin, "a2": c - cos * c + sin * c + tx,
+             "b0": sin, "b1": cos, "b2": c - sin * c - cos * c + ty,
+             "flip": (u(0, 1) < 0.5) if cfg.hflip else np.zeros(n),
+             "contrast": 1 + u(-cfg.contrast, cfg.contrast),
+             "brightness": u(-cfg.brightness, cfg.brightness) * 255,
+             "blur": u(-cfg.blur, cfg.blur), "gamma": np.exp(u(-cfg.gamma, cfg.gamma)),
+             "frame": u(0, cfg.frame) * size * (u(0, 1) < 0.5)}
+    params = np.stack([draws[name] for name in PARAMETERS], axis=1).astype(np.float32)
+    return augment_arrays(images.astype(np.float32)[..., None], params, cfg)[..., 0]
 
 
 def build(cfg, size: int, standardize: bool):

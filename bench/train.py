@@ -24,7 +24,8 @@ The xrayfeat variants run as ``xrayfeat train`` does by default: the fused batch
 one-pass AdamW (``fused_kernels``, xrayfeat.fused_kernels) and the acquisition
 augmentations. ``--profile`` adds the step with Keras' own batch norm and AdamW instead
 (``fused_kernels = false``), the step with only the batch norm fused (what the one-pass
-AdamW update saves), and timed ablations of the default step (tensors in memory), each with
+AdamW update saves), the augmentation in TensorFlow's image ops instead of OpenCV's (the
+implementation before, xrayfeat.pipeline.augment_with_tensorflow_ops), and timed ablations of the default step (tensors in memory), each with
 one part removed: the acquisition augmentations, all augmentation, augmentation and the
 in-model resize, batch norm, dropout, Adam (plain SGD), one host round trip per step
 (``steps_per_execution`` 8); the step with TensorFlow's oneDNN kernels forced on or off
@@ -142,7 +143,7 @@ VARIANTS = ("plain fit", "tensors", "HDF5 in RAM", "HDF5 streamed", "tensors, fl
 #: Timed ablations (``--profile``): each removes one part of the fused step, tensors in
 #: memory, so its saving is that part's cost.
 PROFILE = ("Keras' own batch norm and Adam", "fused batch norm, Keras' AdamW",
-           "no acquisition augmentation", "no augmentation", "no augmentation, no resize",
+           "augmentation in TensorFlow's ops", "no acquisition augmentation", "no augmentation", "no augmentation, no resize",
            "tf.data on one thread", "oneDNN on", "oneDNN off", "no batch norm", "no dropout",
            "SGD optimizer", "steps_per_execution 8",
            "forward only")
@@ -193,6 +194,15 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -
     images, stored = arrays.images, info.size
     if variant.startswith("no augmentation"):
         config.augment = False
+    if variant == "augmentation in TensorFlow's ops":  # the implementation before OpenCV's
+        import xrayfeat.pipeline as pipeline
+
+        def augment_batch(x, seeds, config):
+            params = pipeline.augmentation_parameters(tf.shape(x)[0], tf.shape(x)[1], seeds,
+                                                      config)
+            return pipeline.augment_with_tensorflow_ops(x, params, config)
+
+        pipeline.augment_batch = augment_batch  # what the input pipeline calls
     if variant == "no acquisition augmentation":  # what blur, gamma and frame cost
         config.blur, config.gamma, config.frame = 0.0, 0.0, 0.0
     if variant == "no augmentation, no resize":  # images already at the input size

@@ -2,7 +2,10 @@
 and the tf.data stream that feeds ``fit``.
 
 Order and augmentation are seeded by (seed, epoch), so a resumed run sees the same batches
-it would have seen uninterrupted. Augmentation runs on the stored images, in the graph.
+it would have seen uninterrupted. Augmentation runs on the stored images: its parameters
+are drawn in the graph, its pixels computed by OpenCV (``augment_arrays``), a quarter of
+the CPU time of TensorFlow's image ops, which matters because the pipeline shares the
+cores with the training step.
 """
 
 from __future__ import annotations
@@ -26,12 +29,30 @@ def augment_batch(images, seeds, config: TrainConfig):
     One affine warp per image (rotation, shift, zoom: one interpolation, not three),
     then brightness and contrast, and where configured blur/sharpening, gamma and a black
     frame (the acquisition differences ``xrayfeat audit`` measures). ``seeds`` is a ``(2,)``
-    int tensor: stateless ops make the result a pure function of it.
+    int tensor: the parameters are drawn by stateless ops, so the result is a pure function
+    of it. The pixels are computed by :func:`augment_arrays` (OpenCV), inside the graph.
     """
     import tensorflow as tf
 
-    b = tf.shape(images)[0]
-    size = tf.cast(tf.shape(images)[1], tf.float32)
+    params = augmentation_parameters(tf.shape(images)[0], tf.shape(images)[1], seeds, config)
+    out = tf.numpy_function(lambda x, p: augment_arrays(x, p, config), [images, params],
+                            tf.float32, stateful=False, name="augment")
+    out.set_shape(images.shape)
+    return out
+
+
+#: Columns of :func:`augmentation_parameters`: the inverse affine map (output pixel (x, y)
+#: samples input (a0 x + a1 y + a2, b0 x + b1 y + b2)), then one value per adjustment.
+PARAMETERS = ("a0", "a1", "a2", "b0", "b1", "b2", "flip", "contrast", "brightness", "blur",
+              "gamma", "frame")
+
+
+def augmentation_parameters(b, size, seeds, config: TrainConfig):
+    """A float32 ``(b, 12)`` tensor of each image's augmentation (columns ``PARAMETERS``),
+    drawn by stateless ops from ``seeds``."""
+    import tensorflow as tf
+
+    size = tf.cast(size, tf.float32)
 
     def u(i, lo, hi):
         return tf.random.stateless_uniform([b], seed=seeds + i, minval=lo, maxval=hi)
@@ -42,57 +63,101 @@ def augment_batch(images, seeds, config: TrainConfig):
     ty = u(4, -config.shift, config.shift) * size
     c = (size - 1.0) / 2.0
     cos, sin = tf.cos(theta) / zoom, tf.sin(theta) / zoom
-    # Output pixel (x, y) samples input (a0 x + a1 y + a2, b0 x + b1 y + b2): rotate and
-    # scale about the centre, then shift.
+    # Rotate and scale about the centre, then shift.
     a0, a1, b0, b1 = cos, -sin, sin, cos
     a2 = c - a0 * c - a1 * c + tx
     b2 = c - b0 * c - b1 * c + ty
-    zeros = tf.zeros_like(a0)
-    transforms = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
-    if config.hflip:
-        flip = u(5, 0.0, 1.0) < 0.5
-        images = tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
-    images = tf.raw_ops.ImageProjectiveTransformV3(
-        images=images, transforms=transforms, output_shape=tf.shape(images)[1:3],
-        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
-    mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+    flip = tf.cast(u(5, 0.0, 1.0) < 0.5, tf.float32) if config.hflip else tf.zeros([b])
     contrast = 1.0 + u(6, -config.contrast, config.contrast)
     brightness = u(7, -config.brightness, config.brightness) * 255.0
-    images = (images - mean) * contrast[:, None, None, None] + mean + brightness[:, None, None, None]
-    images = tf.clip_by_value(images, 0.0, 255.0)
-    if config.blur:
-        # Blur (a > 0) or unsharp-mask sharpening (a < 0) towards a Gaussian of sigma
-        # side/64: acquisition sites differ in sharpness (see `xrayfeat audit`).
-        blurred = _gaussian_blur(images, sigma=size / 64.0)
-        a = u(8, -config.blur, config.blur)[:, None, None, None]
-        images = tf.clip_by_value(images + a * (blurred - images), 0.0, 255.0)
-    if config.gamma:
-        gamma = tf.exp(u(9, -config.gamma, config.gamma))[:, None, None, None]
-        images = 255.0 * tf.pow(images / 255.0, gamma)
-    if config.frame:
-        # Half the images get a black frame of random width (collimation, scanner borders).
-        width = u(10, 0.0, config.frame) * size * tf.cast(u(11, 0.0, 1.0) < 0.5, tf.float32)
-        pos = tf.range(size)[None, :]
-        inside = tf.cast((pos >= width[:, None]) & (pos < size - width[:, None]), tf.float32)
-        images = images * (inside[:, :, None, None] * inside[:, None, :, None])
-    return images
+    blur = u(8, -config.blur, config.blur)
+    gamma = tf.exp(u(9, -config.gamma, config.gamma))
+    # Half the images get a black frame of random width (collimation, scanner borders).
+    frame = u(10, 0.0, config.frame) * size * tf.cast(u(11, 0.0, 1.0) < 0.5, tf.float32)
+    return tf.stack([a0, a1, a2, b0, b1, b2, flip, contrast, brightness, blur, gamma, frame],
+                    axis=1)
 
 
-def _gaussian_blur(images, sigma):
-    """A separable 5-tap Gaussian blur with reflected edges, of a ``(b, S, S, 1)`` batch.
+def augment_arrays(images: np.ndarray, params: np.ndarray, config: TrainConfig) -> np.ndarray:
+    """:func:`augment_batch`'s pixels: ``images`` float32 ``(b, S, S, 1)`` in 0-255, each
+    transformed by its row of ``params`` (:func:`augmentation_parameters`).
 
-    Written as weighted sums of shifted slices, not ``tf.nn.conv2d``: a one-channel
-    convolution is oneDNN's worst case, and took 5.5x as long here (225 against 41 ms for 32
-    images at 224 px on 2 cores), most of an epoch's augmentation time.
+    OpenCV, one image at a time on one core: the same arithmetic as TensorFlow's image ops
+    to rounding (tests/test_training.py), at a quarter of their CPU time, and that CPU is
+    taken from the training step, which runs beside the input pipeline.
     """
+    import cv2
+
+    b, height, width = images.shape[:3]
+    out = np.empty((b, height, width), np.float32)
+    rows, cols = np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32)
+    taps = _gaussian_taps(height)
+    for i in range(b):
+        a0, a1, a2, b0, b1, b2, flip, contrast, brightness, blur, gamma, frame = params[i]
+        image = images[i, :, ::-1, 0] if flip else images[i, :, :, 0]
+        x = cv2.warpAffine(np.ascontiguousarray(image), np.array([[a0, a1, a2], [b0, b1, b2]]),
+                           (width, height), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+        mean = x.mean(dtype=np.float32)
+        x = np.clip((x - mean) * contrast + mean + brightness, 0.0, 255.0)
+        if config.blur:
+            # Blur (blur > 0) or unsharp-mask sharpening (< 0) towards a Gaussian of sigma
+            # height/64: acquisition sites differ in sharpness (see `xrayfeat audit`).
+            blurred = cv2.sepFilter2D(x, cv2.CV_32F, taps, taps,
+                                      borderType=cv2.BORDER_REFLECT_101)
+            x = np.clip(x + blur * (blurred - x), 0.0, 255.0)
+        if config.gamma:
+            x = cv2.pow(x * np.float32(1.0 / 255.0), float(gamma)) * np.float32(255.0)
+        if config.frame and frame > 0:
+            x = x * (((rows >= frame) & (rows < height - frame))[:, None]
+                     & ((cols >= frame) & (cols < width - frame))[None, :])
+        out[i] = x
+    return out[..., None]
+
+
+def augment_with_tensorflow_ops(images, params, config: TrainConfig):
+    """:func:`augment_arrays` written in TensorFlow's image ops (the implementation until
+    OpenCV's replaced it, 4x its CPU time): the reference the OpenCV pixels are tested
+    against, and the baseline ``bench/train.py`` times them against. Same arguments, as
+    tensors; returns a tensor."""
     import tensorflow as tf
 
-    taps = tf.exp(-tf.square(tf.range(-2.0, 3.0)) / (2.0 * tf.square(sigma)))
-    taps = taps / tf.reduce_sum(taps)
-    size = tf.shape(images)[1]
-    padded = tf.pad(images, [[0, 0], [2, 2], [2, 2], [0, 0]], mode="REFLECT")
-    rows = tf.add_n([taps[k] * padded[:, k:k + size, :, :] for k in range(5)])
-    return tf.add_n([taps[k] * rows[:, :, k:k + size, :] for k in range(5)])
+    a0, a1, a2, b0, b1, b2, flip, contrast, brightness, blur, gamma, frame = (
+        params[:, k] for k in range(len(PARAMETERS)))
+    height, width = images.shape[1], images.shape[2]
+    zeros = tf.zeros_like(a0)
+    x = tf.where(flip[:, None, None, None] > 0, tf.reverse(images, axis=[2]), images)
+    x = tf.raw_ops.ImageProjectiveTransformV3(
+        images=x, transforms=tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1),
+        output_shape=[height, width], fill_value=0.0, interpolation="BILINEAR",
+        fill_mode="CONSTANT")
+    mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+    x = (x - mean) * contrast[:, None, None, None] + mean + brightness[:, None, None, None]
+    x = tf.clip_by_value(x, 0.0, 255.0)
+    if config.blur:
+        taps = _gaussian_taps(height)
+        padded = tf.pad(x, [[0, 0], [2, 2], [2, 2], [0, 0]], mode="REFLECT")
+        rows = tf.add_n([taps[k] * padded[:, k:k + height] for k in range(5)])
+        blurred = tf.add_n([taps[k] * rows[:, :, k:k + width] for k in range(5)])
+        x = tf.clip_by_value(x + blur[:, None, None, None] * (blurred - x), 0.0, 255.0)
+    if config.gamma:
+        x = 255.0 * tf.pow(x / 255.0, gamma[:, None, None, None])
+    if config.frame:
+        rows = tf.range(height, dtype=tf.float32)[None, :]
+        cols = tf.range(width, dtype=tf.float32)[None, :]
+        inside_rows = tf.cast((rows >= frame[:, None]) & (rows < height - frame[:, None]),
+                              tf.float32)
+        inside_cols = tf.cast((cols >= frame[:, None]) & (cols < width - frame[:, None]),
+                              tf.float32)
+        x = x * (inside_rows[:, :, None, None] * inside_cols[:, None, :, None])
+    return x
+
+
+def _gaussian_taps(size: int) -> np.ndarray:
+    """The 5 normalised taps of a Gaussian of sigma ``size / 64`` (the blur augmentation)."""
+    sigma = np.float32(size / 64.0)
+    taps = np.exp(-np.arange(-2.0, 3.0, dtype=np.float32) ** 2 / (2 * sigma * sigma))
+    return (taps / taps.sum()).astype(np.float32)
 
 
 def make_train_dataset(info: DatasetInfo, config: TrainConfig, initial_epoch: int,
