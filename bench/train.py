@@ -25,13 +25,15 @@ one-pass AdamW (``fused_kernels``, xrayfeat.fused_kernels) and the acquisition
 augmentations. ``--profile`` adds the step with Keras' own batch norm and AdamW instead
 (``fused_kernels = false``), the step with only the batch norm fused (what the one-pass
 AdamW update saves), the augmentation in TensorFlow's image ops instead of OpenCV's (the
-implementation before, xrayfeat.pipeline.augment_with_tensorflow_ops), and timed ablations of the default step (tensors in memory), each with
-one part removed: the acquisition augmentations, all augmentation, augmentation and the
-in-model resize, batch norm, dropout, Adam (plain SGD), one host round trip per step
-(``steps_per_execution`` 8); the step with TensorFlow's oneDNN kernels forced on or off
-(``TF_ENABLE_ONEDNN_OPTS``, which xrayfeat sets to 1 on x86-64), and with the input pipeline
-on one thread; and the forward pass alone. What an ablation saves against the default step
-is what that part costs.
+implementation before, xrayfeat.pipeline.augment_with_tensorflow_ops), and timed ablations
+of the default step (tensors in memory), each with one part removed: the acquisition
+augmentations, all augmentation, augmentation and the in-model resize, batch norm,
+dropout, Adam (plain SGD), one host round trip per step (``steps_per_execution`` 8); the
+step with TensorFlow's oneDNN kernels forced on or off (``TF_ENABLE_ONEDNN_OPTS``, which
+xrayfeat sets to 1 on x86-64), with the input pipeline on one thread, with one inter-op
+thread, and with the convolutions' weight gradients by XLA (candidates, not defaults); and
+the forward pass alone. What an ablation saves against the default step is what that part
+costs.
 
 FLOPs are counted from the layers (xrayfeat.model.forward_flops); a training step is
 counted as 3x the forward pass (forward, plus backward for activations and weights).
@@ -144,7 +146,8 @@ VARIANTS = ("plain fit", "tensors", "HDF5 in RAM", "HDF5 streamed", "tensors, fl
 #: memory, so its saving is that part's cost.
 PROFILE = ("Keras' own batch norm and Adam", "fused batch norm, Keras' AdamW",
            "augmentation in TensorFlow's ops", "no acquisition augmentation", "no augmentation", "no augmentation, no resize",
-           "tf.data on one thread", "oneDNN on", "oneDNN off", "no batch norm", "no dropout",
+           "tf.data on one thread", "one inter-op thread", "XLA weight gradients",
+           "oneDNN on", "oneDNN off", "no batch norm", "no dropout",
            "SGD optimizer", "steps_per_execution 8",
            "forward only")
 
@@ -170,6 +173,37 @@ def without(model, kinds: tuple):
     return keras.models.clone_model(model, clone_function=clone)
 
 
+def xla_weight_gradients(model) -> None:
+    """Make every 3 x 3 convolution of ``model`` with more than one input channel compute
+    its weight gradient with XLA's kernel instead of oneDNN's (timed alone on this VM:
+    0.64-0.87x the time); forward and input gradient stay oneDNN's."""
+    import types
+
+    import keras
+    import tensorflow as tf
+
+    @tf.function(jit_compile=True, autograph=False)
+    def filter_gradient(x, dy, shape):
+        return tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=shape, out_backprop=dy,
+                                               strides=[1, 1, 1, 1], padding="SAME")
+
+    @tf.custom_gradient
+    def conv(x, kernel):
+        def gradient(dy):
+            dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=kernel,
+                                                out_backprop=dy, strides=[1, 1, 1, 1],
+                                                padding="SAME")
+            # XLA needs the filter's shape as a constant.
+            return dx, filter_gradient(x, dy, tf.constant(kernel.shape.as_list()))
+
+        return tf.nn.conv2d(x, kernel, 1, "SAME"), gradient
+
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D) and layer.kernel.shape[2] > 1:
+            layer.convolution_op = types.MethodType(lambda self, x, kernel: conv(x, kernel),
+                                                    layer)
+
+
 def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -> list[float]:
     """Seconds of each timed epoch of one variant (runs in its own process)."""
     import cv2
@@ -183,6 +217,8 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -
     from xrayfeat.pipeline import make_train_dataset, pipeline_from_arrays
     from xrayfeat.training import class_weights
 
+    if variant == "one inter-op thread":  # ops one at a time, each on both cores
+        tf.config.threading.set_inter_op_parallelism_threads(1)
     config = TrainConfig(epochs=epochs + 1)
     if input_size:
         config.input_size = input_size
@@ -222,6 +258,8 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -
                  keras.optimizers.AdamW(config.lr, weight_decay=config.weight_decay))
     model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(),
                   steps_per_execution=8 if variant == "steps_per_execution 8" else 1)
+    if variant == "XLA weight gradients":
+        xla_weight_gradients(model)
     if variant == "fused batch norm, Keras' AdamW":  # what the fused AdamW update saves
         fuse_batch_norm(model)
     elif variant not in ("plain fit", "Keras' own batch norm and Adam"):
