@@ -8,8 +8,8 @@ recalibration of averaged weights, the threshold rules and the decision rule. Th
 augmentation is ``pipeline.augment_arrays`` (OpenCV, as in ``xrayfeat train``) with
 parameters drawn by NumPy, and the epoch loop keeps ``training.RunKeeper``'s rules: the
 best validation AUC is kept, the learning rate halves after 2 epochs without improvement,
-training stops after 4. Its figures rank recipes; the
-default recipe's own figures come from ``bench/generalization.py`` (the real CLI).
+training stops after 4. Its figures rank recipes; the default recipe's own figures come
+from ``bench/generalization.py`` (the real CLI).
 
 ``--test`` is only predicted (at the threshold chosen on validation), never fitted on.
 

@@ -145,7 +145,8 @@ VARIANTS = ("plain fit", "tensors", "HDF5 in RAM", "HDF5 streamed", "tensors, fl
 #: Timed ablations (``--profile``): each removes one part of the fused step, tensors in
 #: memory, so its saving is that part's cost.
 PROFILE = ("Keras' own batch norm and Adam", "fused batch norm, Keras' AdamW",
-           "augmentation in TensorFlow's ops", "no acquisition augmentation", "no augmentation", "no augmentation, no resize",
+           "augmentation in TensorFlow's ops", "no acquisition augmentation", "no augmentation",
+           "no augmentation, no resize",
            "tf.data on one thread", "one inter-op thread", "XLA weight gradients",
            "oneDNN on", "oneDNN off", "no batch norm", "no dropout",
            "SGD optimizer", "steps_per_execution 8",

@@ -3,7 +3,7 @@ and the tf.data stream that feeds ``fit``.
 
 Order and augmentation are seeded by (seed, epoch), so a resumed run sees the same batches
 it would have seen uninterrupted. Augmentation runs on the stored images: its parameters
-are drawn in the graph, its pixels computed by OpenCV (``augment_arrays``), a quarter of
+are drawn in the graph, its pixels computed by OpenCV (``augment_arrays``) in a fifth of
 the CPU time of TensorFlow's image ops, which matters because the pipeline shares the
 cores with the training step.
 """
@@ -83,8 +83,9 @@ def augment_arrays(images: np.ndarray, params: np.ndarray, config: TrainConfig) 
     transformed by its row of ``params`` (:func:`augmentation_parameters`).
 
     OpenCV, one image at a time on one core: the same arithmetic as TensorFlow's image ops
-    to rounding (tests/test_training.py), at a quarter of their CPU time, and that CPU is
-    taken from the training step, which runs beside the input pipeline.
+    to rounding (tests/test_training.py), in a fifth of their CPU time (18.8 against 88.3
+    ms for 32 images at 224 px: BENCHMARKS.md), CPU the training step beside the input
+    pipeline would otherwise lose.
     """
     import cv2
 
@@ -117,7 +118,7 @@ def augment_arrays(images: np.ndarray, params: np.ndarray, config: TrainConfig) 
 
 def augment_with_tensorflow_ops(images, params, config: TrainConfig):
     """:func:`augment_arrays` written in TensorFlow's image ops (the implementation until
-    OpenCV's replaced it, 4x its CPU time): the reference the OpenCV pixels are tested
+    OpenCV's replaced it, 4.7x its CPU time): the reference the OpenCV pixels are tested
     against, and the baseline ``bench/train.py`` times them against. Same arguments, as
     tensors; returns a tensor."""
     import tensorflow as tf
