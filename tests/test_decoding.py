@@ -60,3 +60,65 @@ def test_stored_images_are_zlib_streams_holding_exactly_the_prepared_pixels(
             assert np.array_equal(pixels, images[row])
             expected = prepare_file(src / paths[row], PreprocessSettings(size=size)).image
             assert np.array_equal(images[row], expected), paths[row]
+
+
+def _bytes_read() -> int:
+    """What this process has read so far (``rchar`` of /proc/self/io)."""
+    from pathlib import Path
+
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def test_a_worker_killed_while_sending_its_result_breaks_the_pool_instead_of_hanging():
+    """concurrent.futures' manager thread waits forever for the rest of a result whose
+    sender died mid-message (what hung `prepare` after a kill -9, now and then);
+    ``chunk_result`` notices the dead worker and raises ``BrokenProcessPool``."""
+    import multiprocessing
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    import pytest
+
+    from xrayfeat.decoding import chunk_result
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc")
+    size = 400_000_000  # a result that takes a while to come through the pipe
+    for _ in range(10):  # until one kill lands mid-transfer (almost always the first)
+        executor = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        before = _bytes_read()
+        future = executor.submit(bytes, size)
+        worker = next(iter(executor._processes.values()))
+        deadline = time.monotonic() + 60
+        # Past 50 MB read by this process, the manager thread is inside the result.
+        while _bytes_read() - before < 50e6 and not future.done() \
+                and time.monotonic() < deadline:
+            pass
+        if future.done() or _bytes_read() - before < 50e6:
+            executor.shutdown(wait=True)
+            continue
+        os.kill(worker.pid, signal.SIGKILL)
+        outcome: list = []
+
+        def wait(executor=executor, future=future, outcome=outcome):
+            try:
+                chunk_result(executor, future)
+                outcome.append("result")
+            except BrokenProcessPool:
+                outcome.append("broken")
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        waiter.join(timeout=60)
+        assert outcome == ["broken"], "the wait hung on the dead worker's half-sent result"
+        executor.shutdown(wait=True)  # the manager thread has ended too: no hang here
+        return
+    pytest.fail("no kill landed while the result was coming through")

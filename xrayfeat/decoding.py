@@ -106,6 +106,45 @@ def _opencv_threads(n: int):
         cv2.setNumThreads(before)
 
 
+#: Seconds a pool may keep a dead worker's chunk pending before it is declared lost.
+DEAD_WORKER_GRACE_S = 2.0
+
+
+def chunk_result(executor, future):
+    """``future.result()``, or ``BrokenProcessPool`` once a worker of ``executor`` has died.
+
+    concurrent.futures notices a dead worker at once, except one killed while sending its
+    result: the pool's manager thread then waits forever for the rest of the message
+    (Python 3.11; a ``kill -9`` test hung on it). So the wait also watches the workers, and
+    a pool found with a dead worker is unblocked by hand: its other workers are killed and
+    this process's end of the result pipe is closed, so the manager thread reads
+    end-of-file, marks the pool broken and ends (else it would also hang the exit).
+    """
+    from concurrent.futures import TimeoutError as FutureTimeout
+    from concurrent.futures.process import BrokenProcessPool
+
+    dead_since = None
+    while True:
+        try:
+            return future.result(timeout=0.5)
+        except FutureTimeout:
+            pass
+        processes = list((getattr(executor, "_processes", None) or {}).values())
+        if not any(p.exitcode is not None for p in processes):
+            dead_since = None
+            continue
+        dead_since = dead_since or time.monotonic()
+        if time.monotonic() - dead_since < DEAD_WORKER_GRACE_S:
+            continue  # concurrent.futures normally notices first
+        for process in processes:
+            if process.exitcode is None:
+                process.kill()
+        writer = getattr(getattr(executor, "_result_queue", None), "_writer", None)
+        with contextlib.suppress(OSError, AttributeError):
+            writer.close()
+        raise BrokenProcessPool("a worker died while sending its result")
+
+
 def _retry_alone(chunk: list) -> list:
     """A chunk lost with a dead worker, run again in a process of its own; if that dies
     too, the chunk's files become error rows and the run goes on."""
@@ -113,7 +152,7 @@ def _retry_alone(chunk: list) -> list:
 
     executor = _executor(1)
     try:
-        return executor.submit(_prepare_chunk, chunk).result()
+        return chunk_result(executor, executor.submit(_prepare_chunk, chunk))
     except BrokenProcessPool:
         return [(task[0], None, WORKER_DIED) for task in chunk]
     finally:
@@ -173,7 +212,7 @@ def _map_prepare(paths, settings, workers, chunksize, pool, deflate_level):
             try:
                 if future is None:
                     raise BrokenProcessPool
-                done = future.result()
+                done = chunk_result(executor, future)
             except BrokenProcessPool:
                 # Every chunk in flight was lost with the pool: rerun each alone, in order.
                 lost = [chunk] + [c for c, _ in window]
