@@ -138,8 +138,8 @@ def augment_with_tensorflow_ops(images, params, config: TrainConfig):
     if config.blur:
         taps = _gaussian_taps(height)
         padded = tf.pad(x, [[0, 0], [2, 2], [2, 2], [0, 0]], mode="REFLECT")
-        rows = tf.add_n([taps[k] * padded[:, k:k + height] for k in range(5)])
-        blurred = tf.add_n([taps[k] * rows[:, :, k:k + width] for k in range(5)])
+        down = tf.add_n([taps[k] * padded[:, k:k + height] for k in range(5)])
+        blurred = tf.add_n([taps[k] * down[:, :, k:k + width] for k in range(5)])
         x = tf.clip_by_value(x + blur[:, None, None, None] * (blurred - x), 0.0, 255.0)
     if config.gamma:
         x = 255.0 * tf.pow(x / 255.0, gamma[:, None, None, None])
