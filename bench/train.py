@@ -148,6 +148,7 @@ PROFILE = ("Keras' own batch norm and Adam", "fused batch norm, Keras' AdamW",
            "augmentation in TensorFlow's ops", "no acquisition augmentation", "no augmentation",
            "no augmentation, no resize",
            "tf.data on one thread", "one inter-op thread", "XLA weight gradients",
+           "oneDNN weight gradients",
            "oneDNN on", "oneDNN off", "no batch norm", "no dropout",
            "SGD optimizer", "steps_per_execution 8",
            "forward only")
@@ -172,37 +173,6 @@ def without(model, kinds: tuple):
         return layer.__class__.from_config(layer.get_config())
 
     return keras.models.clone_model(model, clone_function=clone)
-
-
-def xla_weight_gradients(model) -> None:
-    """Make every 3 x 3 convolution of ``model`` with more than one input channel compute
-    its weight gradient with XLA's kernel instead of oneDNN's (timed alone on this VM:
-    0.64-0.87x the time); forward and input gradient stay oneDNN's."""
-    import types
-
-    import keras
-    import tensorflow as tf
-
-    @tf.function(jit_compile=True, autograph=False)
-    def filter_gradient(x, dy, shape):
-        return tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=shape, out_backprop=dy,
-                                               strides=[1, 1, 1, 1], padding="SAME")
-
-    @tf.custom_gradient
-    def conv(x, kernel):
-        def gradient(dy):
-            dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=kernel,
-                                                out_backprop=dy, strides=[1, 1, 1, 1],
-                                                padding="SAME")
-            # XLA needs the filter's shape as a constant.
-            return dx, filter_gradient(x, dy, tf.constant(kernel.shape.as_list()))
-
-        return tf.nn.conv2d(x, kernel, 1, "SAME"), gradient
-
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.Conv2D) and layer.kernel.shape[2] > 1:
-            layer.convolution_op = types.MethodType(lambda self, x, kernel: conv(x, kernel),
-                                                    layer)
 
 
 def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -> list[float]:
@@ -240,6 +210,8 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -
             return pipeline.augment_with_tensorflow_ops(x, params, config)
 
         pipeline.augment_batch = augment_batch  # what the input pipeline calls
+    if variant in ("XLA weight gradients", "oneDNN weight gradients"):
+        config.xla_weight_gradients = variant == "XLA weight gradients"
     if variant == "no acquisition augmentation":  # what blur, gamma and frame cost
         config.blur, config.gamma, config.frame = 0.0, 0.0, 0.0
     if variant == "no augmentation, no resize":  # images already at the input size
@@ -259,12 +231,11 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -
                  keras.optimizers.AdamW(config.lr, weight_decay=config.weight_decay))
     model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(),
                   steps_per_execution=8 if variant == "steps_per_execution 8" else 1)
-    if variant == "XLA weight gradients":
-        xla_weight_gradients(model)
     if variant == "fused batch norm, Keras' AdamW":  # what the fused AdamW update saves
         fuse_batch_norm(model)
     elif variant not in ("plain fit", "Keras' own batch norm and Adam"):
-        fuse_training_step(model)  # as ``xrayfeat train`` does with fused_kernels = true
+        # as ``xrayfeat train`` does with fused_kernels = true
+        fuse_training_step(model, xla_weight_gradients=config.xla_weight_gradients)
     if variant == "forward only":  # inference over the same images, batch 32
         x = images[..., None].astype(np.float32)
         seconds = []

@@ -1,5 +1,6 @@
-"""TensorFlow's fused batch norm and Adam compute what Keras' own layers compute, and a model
-trained with them saves as Keras' own layers (xrayfeat.fused_kernels)."""
+"""TensorFlow's fused batch norm and Adam, and XLA's convolution weight gradients, compute
+what Keras' own layers compute, and a model trained with them saves as Keras' own layers
+(xrayfeat.fused_kernels)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from xrayfeat.fused_kernels import fuse_adam, fuse_batch_norm
+from xrayfeat.fused_kernels import fuse_adam, fuse_batch_norm, fuse_convolution_gradients
 from xrayfeat.model import BN_MOMENTUM, build_minivggnet
 
 
@@ -128,6 +129,65 @@ def test_fuse_adam_leaves_amsgrad_other_optimizers_and_strategies_alone():
         assert not fuse_adam(keras.optimizers.AdamW())
 
 
+def _gradients(model: keras.Model, x: tf.Tensor) -> list[np.ndarray]:
+    """The output and the gradients of a generic loss w.r.t. the input and every weight."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = model(x, training=True)
+        loss = tf.reduce_sum(y * tf.range(1.0, y.shape[-1] + 1.0))
+    return [np.asarray(t) for t in (y, *tape.gradient(loss, [x, *model.trainable_weights]))]
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_xla_weight_gradients_match_tensorflow_own(padding):
+    rng = np.random.default_rng(2)
+    inputs = keras.Input((20, 20, 3))
+    x = keras.layers.Conv2D(8, 3, padding=padding, activation="relu")(inputs)
+    x = keras.layers.Conv2D(16, 3, padding=padding, activation="relu")(x)
+    outputs = keras.layers.Dense(2)(keras.layers.Flatten()(x))
+    keras.utils.set_random_seed(1)
+    plain = keras.Model(inputs, outputs)
+    xla = keras.Model.from_config(plain.get_config())
+    xla.set_weights(plain.get_weights())
+    assert fuse_convolution_gradients(xla) == 2
+    x = tf.constant(rng.normal(0.0, 1.0, (5, 20, 20, 3)).astype("float32"))
+
+    expected, got = _gradients(plain, x), _gradients(xla, x)
+    # The forward pass and the input gradient are TensorFlow's own ops: the same bits.
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+    names = [w.path for w in plain.trainable_weights]
+    for name, want, have in zip(names, expected[2:], got[2:]):
+        assert np.any(want != 0), name
+        np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(),
+                                   err_msg=name)
+
+
+def test_xla_weight_gradients_train_minivggnet_as_tensorflow_own_gradients_do():
+    def model() -> keras.Model:  # the same weights and dropout seeds
+        keras.utils.set_random_seed(4)
+        return build_minivggnet(2, input_size=32, stored_size=32)
+
+    plain, xla = model(), model()
+    # the three convolutions after the first; the first sees one channel and is left alone
+    assert fuse_convolution_gradients(xla) == 3
+    assert "convolution_op" not in vars(xla.get_layer("block1_conv1"))
+    x = tf.constant(np.random.default_rng(4).uniform(0, 255, (6, 32, 32, 1)).astype("float32"))
+    for want, have in zip(_gradients(plain, x), _gradients(xla, x)):
+        np.testing.assert_allclose(have, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+
+
+def test_only_float32_convolutions_on_one_cpu_take_xla_weight_gradients():
+    assert fuse_convolution_gradients(
+        build_minivggnet(2, input_size=32, stored_size=32, precision="bfloat16")) == 0
+    inputs = keras.Input((16, 16, 4))
+    strided = keras.layers.Conv2D(4, 3, strides=2)(inputs)
+    dilated = keras.layers.Conv2D(4, 3, dilation_rate=2)(strided)
+    assert fuse_convolution_gradients(keras.Model(inputs, dilated)) == 0
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+        assert fuse_convolution_gradients(build_minivggnet(2, input_size=32, stored_size=32)) == 0
+
+
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_a_model_trained_fused_saves_as_keras_own_layers(tmp_path, precision):
     keras.utils.set_random_seed(0)
@@ -135,6 +195,7 @@ def test_a_model_trained_fused_saves_as_keras_own_layers(tmp_path, precision):
     model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="categorical_crossentropy")
     fuse_batch_norm(model)
     fuse_adam(model.optimizer)
+    assert fuse_convolution_gradients(model) == (3 if precision == "float32" else 0)
     x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 1)).astype("float32")
     model.train_on_batch(x, keras.utils.to_categorical(np.arange(8) % 2, 2))
     model.save(tmp_path / "model.keras")
@@ -145,6 +206,10 @@ def test_a_model_trained_fused_saves_as_keras_own_layers(tmp_path, precision):
     assert len(batch_norms) == 5
     assert all(type(layer) is keras.layers.BatchNormalization for layer in batch_norms)
     assert all("call" not in vars(layer) for layer in batch_norms)
+    convolutions = [layer for layer in loaded.layers if "conv" in layer.name]
+    assert len(convolutions) == 4
+    assert all(type(layer) is keras.layers.Conv2D and "convolution_op" not in vars(layer)
+               for layer in convolutions)
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
@@ -153,11 +218,13 @@ def test_train_with_fused_kernels_writes_an_ordinary_run(examples_h5, tmp_path):
     from xrayfeat.runs import load_run
     from xrayfeat.training import train
 
-    config = TrainConfig(input_size=32, epochs=2, batch_size=4, width=0.25, fused_kernels=True)
+    config = TrainConfig(input_size=32, epochs=2, batch_size=4, width=0.25, fused_kernels=True,
+                         xla_weight_gradients=True, precision="float32")
     result = train(examples_h5, tmp_path / "run", config)
     assert result.epochs_run == 2 and all(np.isfinite(row["loss"]) for row in result.history)
     run = load_run(tmp_path / "run")
     assert run.config.train["fused_kernels"] is True
+    assert run.config.train["xla_weight_gradients"] is True
     model = run.load_model()  # safe_mode: Keras' own classes only
     assert all(type(layer) is keras.layers.BatchNormalization
                for layer in model.layers if "bn" in layer.name)

@@ -394,7 +394,7 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
         if config.fused_kernels:  # under --strategy mirrored/multi-worker: Keras' own ops
             from xrayfeat.fused_kernels import fuse_training_step
 
-            fuse_training_step(model)
+            fuse_training_step(model, xla_weight_gradients=config.xla_weight_gradients)
     train_ds, steps = make_train_dataset(info, config, state["epoch"], weights, n_classes)
     if reporter:
         reporter.on_train_start(config.epochs, state["epoch"], steps)
@@ -435,6 +435,7 @@ def _resumed_config(out: Path, given: TrainConfig) -> TrainConfig:
     settings = {**settings, "tensorboard": given.tensorboard}
     settings.setdefault("precision", "float32")  # runs from before the setting
     settings.setdefault("fused_kernels", False)  # a resumed run keeps its arithmetic
+    settings.setdefault("xla_weight_gradients", False)
     for key in ("blur", "gamma", "frame"):  # and its augmentation
         settings.setdefault(key, 0.0)
     config = checked_settings(settings, str(out / CONFIG_FILE))
