@@ -85,7 +85,7 @@ class TrainConfig:
     fused_kernels: bool = True  # train batch norm with TensorFlow's fused kernel and AdamW in
     # one XLA pass: the same arithmetic in fewer passes (xrayfeat.fused_kernels); the default
     # since its held-out accuracy was shown unchanged (BENCHMARKS.md "Training speed")
-    xla_weight_gradients: bool = False  # with fused_kernels, float32 convolutions take their
+    xla_weight_gradients: bool = True  # with fused_kernels, float32 convolutions take their
     # weight gradients from XLA's kernel, faster than oneDNN's on AVX2 CPUs (the same sum in
     # another order; xrayfeat.fused_kernels.fuse_convolution_gradients)
 
