@@ -165,14 +165,15 @@ def fuse_convolution_gradients(model: keras.Model) -> int:
     On the 2-core AVX2 CPU this project measures on, oneDNN's backward-weights kernel
     (``jit:avx2``) ran at 48-98 GFLOP/s where its forward and input-gradient kernels ran at
     110-155, and XLA's weight gradient took 0.64-0.87x its time for the 3 x 3 layers with
-    32 or 64 input channels (slower for the one-channel first layer, which is left alone).
-    The forward pass and the input gradient stay oneDNN's, fused with the bias and ReLU as
-    before; the weight gradient is the same sum, accumulated in another order (equal to
-    ~1e-5 relative). Only layers whose convolution XLA writes the same way are changed:
-    channels-last, stride 1, no dilation, one group. bfloat16 layers (the CPUs with AMX,
-    where oneDNN's bfloat16 kernels are the fast ones), a visible GPU and a
-    ``tf.distribute`` strategy keep TensorFlow's own gradient. As with the batch norm, the
-    swap is on the layer *instances*: the saved model is Keras' own ``Conv2D``.
+    32 or 64 input channels (slower for the one-channel first layer, which is left alone);
+    the default training step took 0.81x the time (BENCHMARKS.md). The forward pass and
+    the input gradient stay oneDNN's, fused with the bias and ReLU as before (the same
+    bits, so inference is unchanged); the weight gradient is the same sum, accumulated in
+    another order (equal to ~1e-5 relative). Only layers whose convolution XLA writes the
+    same way are changed: channels-last, stride 1, no dilation, one group. bfloat16 layers
+    (the CPUs with AMX, where oneDNN's bfloat16 kernels are the fast ones), a visible GPU
+    and a ``tf.distribute`` strategy keep TensorFlow's own gradient. As with the batch
+    norm, the swap is on the layer *instances*: the saved model is Keras' own ``Conv2D``.
     """
     if tf.distribute.has_strategy() or tf.config.list_logical_devices("GPU"):
         return 0

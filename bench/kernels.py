@@ -1,0 +1,94 @@
+"""The training step's kernels one at a time, oneDNN's against XLA's, at the default
+MiniVGGNet's shapes (batch 32, 64 px input, float32).
+
+Which kernel each part of the step should run on (``xrayfeat.fused_kernels``) is decided
+here: every convolution (forward with bias and ReLU, input gradient, weight gradient) and
+every dense-layer product, each timed as TensorFlow runs it (oneDNN's kernels, as
+``import xrayfeat`` sets) and compiled by XLA (``jit_compile=True``), interleaved over
+rounds, best of ``--reps`` calls per round, median over rounds. Prints milliseconds,
+GFLOP/s, each as a ratio to oneDNN's time in the same run, and TensorFlow's float32 matmul
+peak of the same run for scale.
+
+    python bench/kernels.py [--rounds 5] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import xrayfeat  # noqa: F401  (turns TensorFlow's oneDNN kernels on before TF loads)
+from train import best_seconds, tf_matmul_peak  # bench/train.py: the same peak, the same timer
+
+#: (name, input shape NHWC, output channels) of the MiniVGGNet's convolutions at 64 px
+CONVOLUTIONS = (("block1_conv1", (32, 64, 64, 1), 32), ("block1_conv2", (32, 64, 64, 32), 32),
+                ("block2_conv1", (32, 32, 32, 32), 64), ("block2_conv2", (32, 32, 32, 64), 64))
+#: the dense layer: batch, inputs (16 x 16 x 64 after two poolings), units
+DENSE = (32, 16384, 512)
+
+
+def cases():
+    """(name, FLOPs, eager function) for every kernel of the step timed here."""
+    import tensorflow as tf
+
+    rng = tf.random.Generator.from_seed(0)
+    for name, shape, filters in CONVOLUTIONS:
+        x = rng.normal(shape)
+        kernel = rng.normal((3, 3, shape[-1], filters))
+        bias = rng.normal((filters,))
+        dy = rng.normal(shape[:3] + (filters,))
+        flops = 2 * shape[0] * shape[1] * shape[2] * 9 * shape[-1] * filters
+        yield (f"{name} forward + bias + ReLU", flops,
+               lambda x=x, k=kernel, b=bias: tf.nn.relu(tf.nn.bias_add(
+                   tf.nn.conv2d(x, k, 1, "SAME"), b)))
+        if shape[-1] > 1:  # the first layer's input gradient is never computed
+            yield (f"{name} input gradient", flops,
+                   lambda x=x, k=kernel, dy=dy: tf.raw_ops.Conv2DBackpropInput(
+                       input_sizes=tf.shape(x), filter=k, out_backprop=dy,
+                       strides=[1, 1, 1, 1], padding="SAME"))
+        yield (f"{name} weight gradient", flops,
+               lambda x=x, dy=dy, s=(3, 3, shape[-1], filters): tf.raw_ops.Conv2DBackpropFilter(
+                   input=x, filter_sizes=s, out_backprop=dy, strides=[1, 1, 1, 1],
+                   padding="SAME"))
+    batch, inputs, units = DENSE
+    x, w = rng.normal((batch, inputs)), rng.normal((inputs, units))
+    b, dy = rng.normal((units,)), rng.normal((batch, units))
+    flops = 2 * batch * inputs * units
+    yield ("fc1 forward + bias + ReLU", flops,
+           lambda: tf.nn.relu(tf.nn.bias_add(tf.matmul(x, w), b)))
+    yield "fc1 input gradient", flops, lambda: tf.matmul(dy, w, transpose_b=True)
+    yield "fc1 weight gradient", flops, lambda: tf.matmul(x, dy, transpose_a=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+
+    import tensorflow as tf
+
+    from xrayfeat.runs import tensorflow_kernels
+
+    peak = tf_matmul_peak("float32")
+    print(f"TensorFlow {tf.__version__}, CPU kernels: {tensorflow_kernels()}; TensorFlow's "
+          f"float32 matmul peak {peak:.1f} GFLOP/s; best of {args.reps} calls, median of "
+          f"{args.rounds} interleaved rounds")
+    print(f"{'kernel':<36} {'oneDNN ms':>9} {'GFLOP/s':>8} {'XLA ms':>8} {'GFLOP/s':>8} "
+          f"{'XLA / oneDNN':>12}")
+    for name, flops, function in cases():
+        timed = {"oneDNN": tf.function(function), "XLA": tf.function(function, jit_compile=True)}
+        for compiled in timed.values():
+            compiled()  # trace and compile outside the timing
+        seconds: dict[str, list[float]] = {k: [] for k in timed}
+        for _ in range(args.rounds):
+            for kind, compiled in timed.items():
+                seconds[kind].append(best_seconds(lambda: compiled().numpy(), args.reps))
+        onednn, xla = (statistics.median(seconds[k]) for k in ("oneDNN", "XLA"))
+        print(f"{name:<36} {1e3 * onednn:9.2f} {flops / onednn / 1e9:8.1f} {1e3 * xla:8.2f} "
+              f"{flops / xla / 1e9:8.1f} {xla / onednn:11.3f}x", flush=True)
+    print(f"TensorFlow's float32 matmul peak after: {tf_matmul_peak('float32'):.1f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()
