@@ -149,7 +149,7 @@ def test_xla_weight_gradients_match_tensorflow_own(padding):
     plain = keras.Model(inputs, outputs)
     xla = keras.Model.from_config(plain.get_config())
     xla.set_weights(plain.get_weights())
-    assert fuse_convolution_gradients(xla) == 2
+    assert fuse_convolution_gradients(xla, measured_cpus_only=False) == 2
     x = tf.constant(rng.normal(0.0, 1.0, (5, 20, 20, 3)).astype("float32"))
 
     expected, got = _gradients(plain, x), _gradients(xla, x)
@@ -170,7 +170,7 @@ def test_xla_weight_gradients_train_minivggnet_as_tensorflow_own_gradients_do():
 
     plain, xla = model(), model()
     # the three convolutions after the first; the first sees one channel and is left alone
-    assert fuse_convolution_gradients(xla) == 3
+    assert fuse_convolution_gradients(xla, measured_cpus_only=False) == 3
     assert "convolution_op" not in vars(xla.get_layer("block1_conv1"))
     x = tf.constant(np.random.default_rng(4).uniform(0, 255, (6, 32, 32, 1)).astype("float32"))
     for want, have in zip(_gradients(plain, x), _gradients(xla, x)):
@@ -178,14 +178,39 @@ def test_xla_weight_gradients_train_minivggnet_as_tensorflow_own_gradients_do():
 
 
 def test_only_float32_convolutions_on_one_cpu_take_xla_weight_gradients():
-    assert fuse_convolution_gradients(
-        build_minivggnet(2, input_size=32, stored_size=32, precision="bfloat16")) == 0
+    def fused(model: keras.Model) -> int:
+        return fuse_convolution_gradients(model, measured_cpus_only=False)
+
+    assert fused(build_minivggnet(2, input_size=32, stored_size=32, precision="bfloat16")) == 0
     inputs = keras.Input((16, 16, 4))
     strided = keras.layers.Conv2D(4, 3, strides=2)(inputs)
     dilated = keras.layers.Conv2D(4, 3, dilation_rate=2)(strided)
-    assert fuse_convolution_gradients(keras.Model(inputs, dilated)) == 0
+    assert fused(keras.Model(inputs, dilated)) == 0
     with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
-        assert fuse_convolution_gradients(build_minivggnet(2, input_size=32, stored_size=32)) == 0
+        assert fused(build_minivggnet(2, input_size=32, stored_size=32)) == 0
+
+
+def test_xla_weight_gradients_only_on_the_cpus_they_were_measured_faster_on(tmp_path,
+                                                                            monkeypatch):
+    import xrayfeat.fused_kernels as fused_kernels
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor : 0\nflags : fpu sse2 avx avx2 fma\n")
+    assert fused_kernels.xla_weight_gradients_measured_faster(cpuinfo)
+    cpuinfo.write_text("processor : 0\nflags : fpu sse2 avx avx2 fma avx512f avx512bw\n")
+    assert not fused_kernels.xla_weight_gradients_measured_faster(cpuinfo)
+    cpuinfo.write_text("processor : 0\nflags : fpu sse2 avx\n")
+    assert not fused_kernels.xla_weight_gradients_measured_faster(cpuinfo)
+    assert not fused_kernels.xla_weight_gradients_measured_faster(tmp_path / "missing")
+
+    def model() -> keras.Model:
+        return build_minivggnet(2, input_size=32, stored_size=32)
+
+    monkeypatch.setattr(fused_kernels, "xla_weight_gradients_measured_faster", lambda: False)
+    assert fuse_convolution_gradients(model()) == 0
+    assert fuse_convolution_gradients(model(), measured_cpus_only=False) == 3
+    monkeypatch.setattr(fused_kernels, "xla_weight_gradients_measured_faster", lambda: True)
+    assert fuse_convolution_gradients(model()) == 3
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
@@ -195,7 +220,7 @@ def test_a_model_trained_fused_saves_as_keras_own_layers(tmp_path, precision):
     model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="categorical_crossentropy")
     fuse_batch_norm(model)
     fuse_adam(model.optimizer)
-    assert fuse_convolution_gradients(model) == (3 if precision == "float32" else 0)
+    assert fuse_convolution_gradients(model, measured_cpus_only=False) == (3 if precision == "float32" else 0)
     x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 1)).astype("float32")
     model.train_on_batch(x, keras.utils.to_categorical(np.arange(8) % 2, 2))
     model.save(tmp_path / "model.keras")

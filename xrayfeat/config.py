@@ -86,8 +86,9 @@ class TrainConfig:
     # one XLA pass: the same arithmetic in fewer passes (xrayfeat.fused_kernels); the default
     # since its held-out accuracy was shown unchanged (BENCHMARKS.md "Training speed")
     xla_weight_gradients: bool = True  # with fused_kernels, float32 convolutions take their
-    # weight gradients from XLA's kernel, faster than oneDNN's on AVX2 CPUs (the same sum in
-    # another order; xrayfeat.fused_kernels.fuse_convolution_gradients)
+    # weight gradients from XLA's kernel on CPUs with AVX2 and no AVX-512, where it was
+    # measured faster than oneDNN's (the same sum in another order;
+    # xrayfeat.fused_kernels.fuse_convolution_gradients)
 
     # Input pipeline
     memory_budget_mb: int = 4096  # datasets smaller than this are held in RAM, else streamed

@@ -15,8 +15,8 @@ seeds showed the held-out accuracy unchanged: BENCHMARKS.md). Both are swapped i
 in plain Keras, with ``safe_mode``, exactly as before, and a resumed run with the setting is
 fused again by ``train``.
 Inference (``training`` false) is untouched. With ``xla_weight_gradients`` the float32
-convolutions also take their weight gradients from XLA's kernel
-(:func:`fuse_convolution_gradients`), again on the instances only.
+convolutions also take their weight gradients from XLA's kernel on the CPUs where that was
+measured faster (:func:`fuse_convolution_gradients`), again on the instances only.
 
 What is not swapped keeps Keras' ops: synchronized (multi-replica) batch norm, masked or
 non-4-D inputs (the dense layer's batch norm), AMSGrad, and training under a
@@ -26,9 +26,12 @@ non-4-D inputs (the dense layer's batch norm), AMSGrad, and training under a
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import keras
 import tensorflow as tf
+
+from xrayfeat.model import cpu_flags
 
 
 def fuse_training_step(model: keras.Model, *, xla_weight_gradients: bool = False) -> None:
@@ -158,9 +161,19 @@ def _handle(variable) -> tf.Tensor:
     return (variable.value if isinstance(variable, keras.Variable) else variable).handle
 
 
-def fuse_convolution_gradients(model: keras.Model) -> int:
+def xla_weight_gradients_measured_faster(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU is of the kind XLA's weight gradients were measured faster on: AVX2
+    without AVX-512, where oneDNN runs its ``jit:avx2`` kernels. CPUs with AVX-512 get
+    other oneDNN kernels, not measured against XLA's, so they keep oneDNN's."""
+    flags = cpu_flags(cpuinfo)
+    return "avx2" in flags and "avx512f" not in flags
+
+
+def fuse_convolution_gradients(model: keras.Model, *, measured_cpus_only: bool = True) -> int:
     """Make each plain float32 ``Conv2D`` of ``model`` with more than one input channel
     compute its weight gradient with XLA's CPU kernel; returns how many layers changed.
+    Unless ``measured_cpus_only`` is false, only on the CPUs it was measured faster on
+    (:func:`xla_weight_gradients_measured_faster`).
 
     On the 2-core AVX2 CPU this project measures on, oneDNN's backward-weights kernel
     (``jit:avx2``) ran at 48-98 GFLOP/s where its forward and input-gradient kernels ran at
@@ -176,6 +189,8 @@ def fuse_convolution_gradients(model: keras.Model) -> int:
     norm, the swap is on the layer *instances*: the saved model is Keras' own ``Conv2D``.
     """
     if tf.distribute.has_strategy() or tf.config.list_logical_devices("GPU"):
+        return 0
+    if measured_cpus_only and not xla_weight_gradients_measured_faster():
         return 0
     changed = 0
     for layer in model.layers:

@@ -34,18 +34,23 @@ BN_MOMENTUM = 0.9
 _POLICY = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
 
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The instruction-set flags of this CPU as Linux lists them (empty where unknown)."""
+    if platform.system() != "Linux":
+        return set()
+    try:
+        return set(next((line for line in cpuinfo.read_text().splitlines()
+                         if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
 def cpu_has_native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512_BF16 or AMX-BF16).
 
     Without it oneDNN emulates bfloat16, which is slower than float32.
     """
-    if platform.system() != "Linux":
-        return False
-    try:
-        flags = next((line for line in cpuinfo.read_text().splitlines()
-                      if line.startswith("flags")), "").split()
-    except OSError:
-        return False
+    flags = cpu_flags(cpuinfo)
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
