@@ -2,8 +2,8 @@
 MiniVGGNet's shapes (batch 32, 64 px input, float32).
 
 Which kernel each part of the step should run on (``xrayfeat.fused_kernels``) is decided
-here: every convolution (forward with bias and ReLU, input gradient, weight gradient) and
-every dense-layer product, each timed as TensorFlow runs it (oneDNN's kernels, as
+here: every convolution (forward with bias and ReLU, input gradient, weight gradient), the
+convolutional batch norm (training) and every dense-layer product, each timed as TensorFlow runs it (oneDNN's kernels, as
 ``import xrayfeat`` sets) and compiled by XLA (``jit_compile=True``), interleaved over
 rounds, best of ``--reps`` calls per round, median over rounds. Prints milliseconds,
 GFLOP/s, each as a ratio to oneDNN's time in the same run, and TensorFlow's float32 matmul
@@ -50,6 +50,24 @@ def cases():
                lambda x=x, dy=dy, s=(3, 3, shape[-1], filters): tf.raw_ops.Conv2DBackpropFilter(
                    input=x, filter_sizes=s, out_backprop=dy, strides=[1, 1, 1, 1],
                    padding="SAME"))
+    for name, shape in (("block1 batch norm", (32, 64, 64, 32)),
+                        ("block2 batch norm", (32, 32, 32, 64))):
+        x, dy = rng.normal(shape), rng.normal(shape)
+        gamma, beta = tf.ones(shape[-1:]), tf.zeros(shape[-1:])
+
+        def normalized(x=x, gamma=gamma, beta=beta):  # training: the batch's statistics
+            return tf.compat.v1.nn.fused_batch_norm(x, gamma, beta, epsilon=1e-3,
+                                                    data_format="NHWC", is_training=True)[0]
+
+        def gradients(x=x, dy=dy, gamma=gamma, beta=beta, normalized=normalized):
+            with tf.GradientTape() as tape:
+                tape.watch([x, gamma, beta])
+                y = normalized(x, gamma, beta)
+            return tape.gradient(y, [x, gamma, beta], output_gradients=dy)[0]
+
+        flops = 0  # memory-bound: no FLOP rate
+        yield f"{name} forward", flops, normalized
+        yield f"{name} forward + backward", flops, gradients
     batch, inputs, units = DENSE
     x, w = rng.normal((batch, inputs)), rng.normal((inputs, units))
     b, dy = rng.normal((units,)), rng.normal((batch, units))
@@ -85,8 +103,9 @@ def main() -> None:
             for kind, compiled in timed.items():
                 seconds[kind].append(best_seconds(lambda: compiled().numpy(), args.reps))
         onednn, xla = (statistics.median(seconds[k]) for k in ("oneDNN", "XLA"))
-        print(f"{name:<36} {1e3 * onednn:9.2f} {flops / onednn / 1e9:8.1f} {1e3 * xla:8.2f} "
-              f"{flops / xla / 1e9:8.1f} {xla / onednn:11.3f}x", flush=True)
+        rates = [f"{flops / t / 1e9:8.1f}" if flops else f"{'-':>8}" for t in (onednn, xla)]
+        print(f"{name:<36} {1e3 * onednn:9.2f} {rates[0]} {1e3 * xla:8.2f} {rates[1]} "
+              f"{xla / onednn:11.3f}x", flush=True)
     print(f"TensorFlow's float32 matmul peak after: {tf_matmul_peak('float32'):.1f} GFLOP/s")
 
 
