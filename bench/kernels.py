@@ -3,11 +3,11 @@ MiniVGGNet's shapes (batch 32, 64 px input, float32).
 
 Which kernel each part of the step should run on (``xrayfeat.fused_kernels``) is decided
 here: every convolution (forward with bias and ReLU, input gradient, weight gradient), the
-convolutional batch norm (training) and every dense-layer product, each timed as TensorFlow runs it (oneDNN's kernels, as
-``import xrayfeat`` sets) and compiled by XLA (``jit_compile=True``), interleaved over
-rounds, best of ``--reps`` calls per round, median over rounds. Prints milliseconds,
-GFLOP/s, each as a ratio to oneDNN's time in the same run, and TensorFlow's float32 matmul
-peak of the same run for scale.
+convolutional batch norm (training) and every dense-layer product, each timed as
+TensorFlow runs it (oneDNN's kernels, as ``import xrayfeat`` sets) and compiled by XLA
+(``jit_compile=True``), interleaved over rounds, best of ``--reps`` calls per round, median
+over rounds. Prints each one's milliseconds and GFLOP/s, XLA's time as a ratio to oneDNN's
+in the same run, and TensorFlow's float32 matmul peak before and after, for scale.
 
     python bench/kernels.py [--rounds 5] [--reps 5]
 """

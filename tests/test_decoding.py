@@ -122,3 +122,54 @@ def test_a_worker_killed_while_sending_its_result_breaks_the_pool_instead_of_han
         executor.shutdown(wait=True)  # the manager thread has ended too: no hang here
         return
     pytest.fail("no kill landed while the result was coming through")
+
+
+def test_the_workers_of_a_killed_parent_exit_with_it(tmp_path):
+    """A parent killed with SIGKILL leaves its decoding processes behind, waiting for work
+    forever; each watches its parent and exits once it is gone."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc")
+    script = (
+        "import json, time\n"
+        "from xrayfeat.decoding import _executor\n"
+        "executor = _executor(2)\n"
+        "assert executor.submit(int, 1).result() == 1\n"  # the workers are up
+        "print(json.dumps(list(executor._processes)), flush=True)\n"
+        "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        workers = json.loads(parent.stdout.readline())
+        assert workers and all(_alive(pid) for pid in workers)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in workers), "a worker outlived its killed parent"
+    finally:
+        parent.kill()
+        parent.wait(timeout=30)
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (not gone, not a zombie)."""
+    from pathlib import Path
+
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -70,11 +70,24 @@ def _init_worker() -> None:
 
 def _init_pool_worker() -> None:
     import signal
+    import threading
 
     _init_worker()
     # Ctrl-C is the parent's to handle: it stops handing out work and lets in-flight
     # chunks finish (see map_prepare), so a worker process must not die of it mid-result.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True,
+                     name="xrayfeat-parent-watch").start()
+
+
+def _exit_with_parent(parent: int, every_s: float = 0.5) -> None:
+    """End this worker once the process that started it is gone. A parent killed with
+    SIGKILL cannot stop its workers, and each worker holds the writing end of the pool's
+    task queue itself, so its wait for the next task never ends: without this, the
+    workers of a killed ``prepare --isolate`` stayed alive (seen, minutes later)."""
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)
 
 
 #: The error row of a file whose decoding process died on it twice (a decoder crash on

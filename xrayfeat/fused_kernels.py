@@ -34,10 +34,11 @@ import tensorflow as tf
 from xrayfeat.model import cpu_flags
 
 
-def fuse_training_step(model: keras.Model, *, xla_weight_gradients: bool = False) -> None:
+def fuse_training_step(model: keras.Model, *, xla_weight_gradients: bool = True) -> None:
     """Train ``model`` (compiled) with the fused batch norm and Adam, and with XLA's
-    convolution weight gradients if asked: what ``xrayfeat train`` does when
-    ``fused_kernels`` (and ``xla_weight_gradients``) is set, and what ``bench/train.py``
+    convolution weight gradients where they pay (:func:`fuse_convolution_gradients`) unless
+    ``xla_weight_gradients`` is false: what ``xrayfeat train`` does with its defaults
+    (``fused_kernels`` and ``xla_weight_gradients`` set), and what ``bench/train.py``
     times."""
     fuse_batch_norm(model)
     fuse_adam(model.optimizer)
