@@ -8,7 +8,8 @@ absolute numbers drift:
   a slow moment cannot flatter the ratios); NumPy's float32 rate is printed beside it;
 - a plain ``model.fit`` on in-memory NumPy arrays (same model, same batch size, float32);
 - xrayfeat's own training pipeline (seeded order, augmentation, class weights) in the
-  default precision (``auto``: bfloat16 on CPUs with native bfloat16), fed from tensors
+  default precision (``auto``: bfloat16 on CPUs with AMX, else float32; ``--precision``
+  chooses another, as ``xrayfeat train --precision`` does), fed from tensors
   already in memory, from the HDF5 file (held in RAM), and streamed from the HDF5 file (as
   for a dataset larger than the memory budget); and the same pipeline in float32.
 
@@ -40,6 +41,7 @@ counted as 3x the forward pass (forward, plus backward for activations and weigh
 
     xrayfeat prepare ../shared/data/kermany_224/train --out data/k224.h5
     python bench/train.py --data data/k224.h5 [--images 1024] [--input-size 96] [--profile]
+        [--precision auto|float32|bfloat16]
         [--only VARIANT ...]
 """
 
@@ -175,7 +177,8 @@ def without(model, kinds: tuple):
     return keras.models.clone_model(model, clone_function=clone)
 
 
-def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -> list[float]:
+def run_variant(variant: str, data: Path, epochs: int, input_size: int | None,
+                precision: str) -> list[float]:
     """Seconds of each timed epoch of one variant (runs in its own process)."""
     import cv2
     import keras
@@ -190,7 +193,7 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None) -
 
     if variant == "one inter-op thread":  # ops one at a time, each on both cores
         tf.config.threading.set_inter_op_parallelism_threads(1)
-    config = TrainConfig(epochs=epochs + 1)
+    config = TrainConfig(epochs=epochs + 1, precision=precision)
     if input_size:
         config.input_size = input_size
     precision = resolve_precision(config.precision)
@@ -273,6 +276,8 @@ def main() -> None:
                              "../shared/data/kermany_224/train")
     parser.add_argument("--images", type=int, default=1024, help="train images per epoch")
     parser.add_argument("--input-size", type=int, default=None)
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="of the xrayfeat variants, as 'xrayfeat train --precision'")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per variant and round")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all variants")
     parser.add_argument("--profile", action="store_true",
@@ -283,7 +288,8 @@ def main() -> None:
     parser.add_argument("--variant", choices=VARIANTS + PROFILE, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.data, args.epochs, args.input_size)))
+        print(json.dumps(run_variant(args.variant, args.data, args.epochs, args.input_size,
+                                     args.precision)))
         return
 
     import tensorflow as tf
@@ -295,7 +301,7 @@ def main() -> None:
 
     config = TrainConfig()
     input_size = args.input_size or config.input_size
-    precision = resolve_precision(config.precision)
+    precision = resolve_precision(args.precision)
     tmp = Path(tempfile.mkdtemp())
     data = make_subset(args.data, args.images, tmp / "subset.h5")
     n, stored = args.images, open_dataset(data).size
@@ -305,7 +311,7 @@ def main() -> None:
           f"numpy {np.__version__}; TensorFlow's CPU kernels: {tensorflow_kernels()} "
           f"(TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')})")
     print(f"model: MiniVGGNet, input {input_size} px from {stored} px stored images, "
-          f"batch {config.batch_size}; default precision here: {precision}; "
+          f"batch {config.batch_size}; precision of the xrayfeat variants: {precision}; "
           f"{flops_per_image / 1e9:.3f} GFLOP per training image")
     print(f"{n} train images per epoch; {args.rounds} rounds x {args.epochs} timed epochs "
           f"per variant, each variant in its own process", flush=True)
@@ -325,7 +331,7 @@ def main() -> None:
     for round_ in range(args.rounds):
         for variant in variants:
             cmd = [sys.executable, __file__, "--data", str(data), "--variant", variant,
-                   "--epochs", str(args.epochs)]
+                   "--epochs", str(args.epochs), "--precision", precision]
             if args.input_size:
                 cmd += ["--input-size", str(args.input_size)]
             env = dict(os.environ)

@@ -164,8 +164,9 @@ def _handle(variable) -> tf.Tensor:
 
 def xla_weight_gradients_measured_faster(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether this CPU is of the kind XLA's weight gradients were measured faster on: AVX2
-    without AVX-512, where oneDNN runs its ``jit:avx2`` kernels. CPUs with AVX-512 get
-    other oneDNN kernels, not measured against XLA's, so they keep oneDNN's."""
+    without AVX-512, where oneDNN runs its ``jit:avx2`` kernels. CPUs with AVX-512 keep
+    oneDNN's: on a Zen 4 its AVX-512 weight gradients were the faster, XLA's taking 1.4-2.0x
+    their time (BENCHMARKS.md)."""
     flags = cpu_flags(cpuinfo)
     return "avx2" in flags and "avx512f" not in flags
 
