@@ -334,6 +334,43 @@ def test_acquisition_augmentations_do_what_they_say():
     assert (out[:, 8:24, 8:24] > 0).all()
 
 
+def _plateau_run(aucs: list[float], **settings) -> tuple[list[float], dict]:
+    """The learning rate of every epoch and the final state of a run scoring ``aucs``."""
+    from xrayfeat.training import plateau_step
+
+    config = TrainConfig(**settings)
+    state = {"best_val_auc": -1.0, "best_epoch": 0, "wait": 0, "lr_wait": 0,
+             "stopped_early": False}
+    lr, lrs = config.lr, []
+    for epoch, auc in enumerate(aucs, start=1):
+        lrs.append(lr)
+        _, lr = plateau_step(state, epoch, auc, lr, config)
+        if state["stopped_early"]:
+            break
+    return lrs, state
+
+
+def test_early_stopping_waits_for_the_halved_learning_rate():
+    # Seed 3's validation AUC in bfloat16 (BENCHMARKS.md): best at epoch 3, then a swing
+    # down; counted from the best epoch, patience 4 stopped it at epoch 7, two epochs after
+    # the first halving. Counted from each halving, it trains on and finds epoch 8.
+    aucs = [0.867, 0.875, 0.965, 0.917, 0.940, 0.959, 0.963, 0.976, 0.975, 0.981]
+    lrs, state = _plateau_run(aucs)
+    assert not state["stopped_early"] and state["best_epoch"] == 10
+    assert lrs[:8] == [1e-3] * 5 + [5e-4] * 2 + [2.5e-4]  # halved after epochs 5 and 7
+
+    # A run that never improves again is stopped once the floor is reached and
+    # early_stopping_patience more epochs have passed: 1e-3 halves seven times (two epochs
+    # each) to min_lr 1e-5, then four more epochs.
+    lrs, state = _plateau_run([0.9] + [0.8] * 30)
+    assert state["stopped_early"] and len(lrs) == 1 + 14 + 4 and state["best_epoch"] == 1
+    assert lrs[-4:] == [1e-5] * 4 and lrs[-5] > 1e-5
+
+    # When the learning rate is waited for longer than the run, early stopping comes first.
+    lrs, state = _plateau_run([0.9] + [0.8] * 30, lr_patience=10, early_stopping_patience=3)
+    assert state["stopped_early"] and len(lrs) == 4 and set(lrs) == {1e-3}
+
+
 # --------------------------------------------------------------------------- run directory
 
 
