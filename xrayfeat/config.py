@@ -58,8 +58,7 @@ class TrainConfig:
     threshold_sensitivity: float = 0.95  # the "sensitivity" method's validation target
 
     # Callbacks
-    early_stopping_patience: int = 4  # epochs without a better validation AUC since the
-    # learning rate was last halved (xrayfeat.training.plateau_step)
+    early_stopping_patience: int = 4  # epochs without a better validation AUC
     lr_patience: int = 2  # epochs without improvement before the learning rate is halved
     lr_factor: float = 0.5
     min_lr: float = 1e-5

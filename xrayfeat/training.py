@@ -159,8 +159,6 @@ def recalibrate_batch_norm(model, images: np.ndarray) -> None:
             layer.momentum = value
 
 
-# A Keras callback closed over the run's state: checkpointing, early stopping, the
-# learning-rate schedule and EMA scoring must agree epoch by epoch, so they live together.
 def plateau_step(state: dict, epoch: int, auc: float, lr: float,
                  config: TrainConfig) -> tuple[bool, float]:
     """Book epoch ``epoch`` (1-based), which scored validation ROC AUC ``auc`` at learning
@@ -169,13 +167,10 @@ def plateau_step(state: dict, epoch: int, auc: float, lr: float,
     should stop.
 
     The learning rate is halved (``lr_factor``) after ``lr_patience`` epochs without a
-    better AUC, down to ``min_lr``. Early stopping counts its ``early_stopping_patience``
-    epochs without a better AUC since the last halving, so a run stops only once a lower
-    learning rate has had its epochs and not helped: with the default settings, not within
-    15 epochs (reaching ``min_lr`` takes seven halvings, 14 epochs without improvement).
-    Counted from the best epoch alone, it had stopped runs whose AUC swung down early, two
-    epochs after the first halving, at test_dev accuracy 0.872 and 0.879; the first, trained
-    on, recovered to 0.914 (BENCHMARKS.md).
+    better AUC, down to ``min_lr``; training stops after ``early_stopping_patience`` epochs
+    without a better AUC, counted from the best epoch. Counting them from the last halving
+    instead (so a lowered rate always had its epochs) was tried and failed its accuracy rule
+    (BENCHMARKS.md, "Early stopping that waits").
     """
     if auc > state["best_val_auc"] + 1e-4:
         state.update(best_val_auc=auc, best_epoch=epoch, wait=0, lr_wait=0)
@@ -184,12 +179,14 @@ def plateau_step(state: dict, epoch: int, auc: float, lr: float,
     state["lr_wait"] += 1
     if state["lr_wait"] >= config.lr_patience and lr > config.min_lr:
         lr = max(config.min_lr, lr * config.lr_factor)
-        state.update(lr_wait=0, wait=0)
+        state["lr_wait"] = 0
     if state["wait"] >= config.early_stopping_patience:
         state["stopped_early"] = True
     return False, lr
 
 
+# A Keras callback closed over the run's state: checkpointing, early stopping, the
+# learning-rate schedule and EMA scoring must agree epoch by epoch, so they live together.
 def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
                  config: TrainConfig, state: dict, reporter: TrainReporter | None,
                  bn_sample: np.ndarray):
