@@ -57,11 +57,11 @@ def resolve_precision(precision: str, *, has_gpu: bool | None = None,
 
     On a 2-core Zen 4 with AVX512_BF16 but no AMX, bfloat16 trained 1.48x faster than
     float32, but three seeds of the default recipe in it failed the accuracy rule set before
-    they ran (test_dev accuracy 0.903, one seed stopped early at 0.872: BENCHMARKS.md), so
-    ``auto`` keeps float32 there (float32's own seeds there scored no better, 0.902: a rule
-    comparing the two on new seeds is still to be run); ``--precision bfloat16`` still asks
-    for it. Without
-    AVX512_BF16 or AMX, oneDNN emulates bfloat16, slower than float32.
+    they ran (held-out test accuracy 0.903, one seed stopped early at 0.872: BENCHMARKS.md),
+    so ``auto`` keeps float32 there. Float32's own seeds there scored no better (0.902), so
+    this is caution, not a measured loss, until a rule comparing the two on new seeds
+    decides; ``--precision bfloat16`` still asks for it. Without AVX512_BF16 or AMX, oneDNN
+    emulates bfloat16, slower than float32.
     """
     if precision != "auto":
         return precision
