@@ -298,6 +298,8 @@ def main() -> None:
     parser.add_argument("--test-dev", type=Path, default=DATA / "test_dev")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/out/generalization")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 1..N per variant")
+    parser.add_argument("--first-seed", type=int, default=1,
+                        help="start at this seed instead (fresh seeds for a new rule)")
     parser.add_argument("--variant", action="append", default=None,
                         help="NAME=TRAIN OPTIONS[|PREDICT OPTIONS[|PREPARE OPTIONS]]")
     parser.add_argument("--report-only", action="store_true",
@@ -325,7 +327,7 @@ def main() -> None:
         print(f"machine: {platform.node()}, {os.cpu_count()} cores, python "
               f"{platform.python_version()}", flush=True)
         # Interleave seeds across variants, so a cut-short benchmark still compares them.
-        for seed in range(1, args.seeds + 1):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for variant in variants:
                 if any(r["variant"] == variant["name"] and r["seed"] == seed for r in results):
                     continue
