@@ -8,7 +8,7 @@ absolute numbers drift:
   a slow moment cannot flatter the ratios); NumPy's float32 rate is printed beside it;
 - a plain ``model.fit`` on in-memory NumPy arrays (same model, same batch size, float32);
 - xrayfeat's own training pipeline (seeded order, augmentation, class weights) in the
-  default precision (``auto``: bfloat16 on CPUs with AMX, else float32; ``--precision``
+  default precision (``auto``: bfloat16 on CPUs with AVX512_BF16 or AMX; ``--precision``
   chooses another, as ``xrayfeat train --precision`` does), fed from tensors
   already in memory, from the HDF5 file (held in RAM), and streamed from the HDF5 file (as
   for a dataset larger than the memory budget); and the same pipeline in float32.

@@ -99,25 +99,23 @@ def test_validation_scoring_traces_once_and_matches_the_model():
     assert _FORWARD[model].experimental_get_tracing_count() == 1
 
 
-def test_auto_precision_is_bfloat16_only_on_cpus_with_amx(tmp_path):
-    from xrayfeat.model import cpu_has_amx_bfloat16, resolve_precision
+def test_auto_precision_is_bfloat16_on_cpus_with_native_bfloat16(tmp_path):
+    from xrayfeat.model import cpu_has_native_bfloat16, resolve_precision
 
     cpuinfo = tmp_path / "cpuinfo"
-    amx = "processor: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
-    avx512_bf16 = "processor: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 vaes\n"
-    cpuinfo.write_text(amx)
-    assert cpu_has_amx_bfloat16(cpuinfo)
-    assert resolve_precision("auto", has_gpu=False, cpuinfo=cpuinfo) == "bfloat16"
-    assert resolve_precision("auto", has_gpu=True, cpuinfo=cpuinfo) == "float32"
-    # AVX512_BF16 without AMX: faster in bfloat16, but its accuracy rule failed (BENCHMARKS)
-    cpuinfo.write_text(avx512_bf16)
-    assert not cpu_has_amx_bfloat16(cpuinfo)
+    for flags in ("fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8",
+                  "fpu sse avx2 avx512f avx512_bf16 vaes"):
+        cpuinfo.write_text(f"processor: 0\nflags\t\t: {flags}\n")
+        assert cpu_has_native_bfloat16(cpuinfo)
+        assert resolve_precision("auto", has_gpu=False, cpuinfo=cpuinfo) == "bfloat16"
+        assert resolve_precision("auto", has_gpu=True, cpuinfo=cpuinfo) == "float32"
+        # an explicit choice is never second-guessed
+        assert resolve_precision("float32", has_gpu=False, cpuinfo=cpuinfo) == "float32"
+    cpuinfo.write_text("processor: 0\nflags\t\t: fpu sse avx2 avx512f\n")
+    assert not cpu_has_native_bfloat16(cpuinfo)
     assert resolve_precision("auto", has_gpu=False, cpuinfo=cpuinfo) == "float32"
     assert resolve_precision("auto", has_gpu=False, cpuinfo=tmp_path / "missing") == "float32"
-    # an explicit choice is never second-guessed
     assert resolve_precision("bfloat16", has_gpu=False, cpuinfo=cpuinfo) == "bfloat16"
-    cpuinfo.write_text(amx)
-    assert resolve_precision("float32", has_gpu=False, cpuinfo=cpuinfo) == "float32"
 
 
 # --------------------------------------------------------------------------- config

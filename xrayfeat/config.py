@@ -80,7 +80,7 @@ class TrainConfig:
 
     # Arithmetic
     precision: str = "auto"  # "auto", "float32" or "bfloat16"; auto = bfloat16 on CPUs with
-    # AMX, float32 elsewhere (xrayfeat.model.resolve_precision says why).
+    # native bfloat16 (AVX512_BF16/AMX), float32 elsewhere (xrayfeat.model.resolve_precision).
     # Weights, softmax and the saved model stay float32 either way.
     fused_kernels: bool = True  # train batch norm with TensorFlow's fused kernel and AdamW in
     # one XLA pass: the same arithmetic in fewer passes (xrayfeat.fused_kernels); the default

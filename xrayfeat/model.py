@@ -45,23 +45,24 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
         return set()
 
 
-def cpu_has_amx_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether this CPU multiplies bfloat16 matrices on AMX tiles (``amx_bf16``)."""
-    return "amx_bf16" in cpu_flags(cpuinfo)
+def cpu_has_native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512_BF16 or AMX-BF16).
+
+    Without it oneDNN emulates bfloat16, which is slower than float32.
+    """
+    flags = cpu_flags(cpuinfo)
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_precision(precision: str, *, has_gpu: bool | None = None,
                       cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """``auto`` becomes ``bfloat16`` on a CPU-only host with AMX and ``float32`` elsewhere
-    (GPUs untried here). ``has_gpu`` is asked of TensorFlow unless given.
+    """``auto`` becomes ``bfloat16`` on a CPU-only host with native bfloat16 (AVX512_BF16 or
+    AMX) and ``float32`` elsewhere (GPUs untried here). ``has_gpu`` is asked of TensorFlow
+    unless given.
 
-    On a 2-core Zen 4 with AVX512_BF16 but no AMX, bfloat16 trained 1.48x faster than
-    float32, but three seeds of the default recipe in it failed the accuracy rule set before
-    they ran (held-out test accuracy 0.903, one seed stopped early at 0.872: BENCHMARKS.md),
-    so ``auto`` keeps float32 there. Float32's own seeds there scored no better (0.902), so
-    this is caution, not a measured loss, until a rule comparing the two on new seeds
-    decides; ``--precision bfloat16`` still asks for it. Without AVX512_BF16 or AMX, oneDNN
-    emulates bfloat16, slower than float32.
+    On a 2-core Zen 4 with AVX512_BF16, bfloat16 trained 1.48x faster than float32, and on
+    three new seeds of each, compared by a rule set before they ran, its held-out test
+    figures were no worse than float32's (BENCHMARKS.md, "bfloat16 against float32").
     """
     if precision != "auto":
         return precision
@@ -69,7 +70,7 @@ def resolve_precision(precision: str, *, has_gpu: bool | None = None,
         import tensorflow as tf
 
         has_gpu = bool(tf.config.list_physical_devices("GPU"))
-    return "bfloat16" if not has_gpu and cpu_has_amx_bfloat16(cpuinfo) else "float32"
+    return "bfloat16" if not has_gpu and cpu_has_native_bfloat16(cpuinfo) else "float32"
 
 
 def build_minivggnet(
