@@ -334,11 +334,10 @@ def test_acquisition_augmentations_do_what_they_say():
 
 def _plateau_run(aucs: list[float], **settings) -> tuple[list[float], dict]:
     """The learning rate of every epoch and the final state of a run scoring ``aucs``."""
-    from xrayfeat.training import plateau_step
+    from xrayfeat.training import new_run_state, plateau_step
 
     config = TrainConfig(**settings)
-    state = {"best_val_auc": -1.0, "best_epoch": 0, "wait": 0, "lr_wait": 0,
-             "stopped_early": False}
+    state = new_run_state()
     lr, lrs = config.lr, []
     for epoch, auc in enumerate(aucs, start=1):
         lrs.append(lr)

@@ -159,6 +159,13 @@ def recalibrate_batch_norm(model, images: np.ndarray) -> None:
             layer.momentum = value
 
 
+def new_run_state() -> dict:
+    """The state of a run before its first epoch: what :func:`plateau_step` books epochs
+    into, and what ``state.json`` and ``last.keras`` carry for ``--resume``."""
+    return {"epoch": 0, "best_val_auc": -1.0, "best_epoch": 0, "wait": 0, "lr_wait": 0,
+            "stopped_early": False, "history": []}
+
+
 def plateau_step(state: dict, epoch: int, auc: float, lr: float,
                  config: TrainConfig) -> tuple[bool, float]:
     """Book epoch ``epoch`` (1-based), which scored validation ROC AUC ``auc`` at learning
@@ -382,8 +389,7 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
         write_history(out / HISTORY_FILE, state["history"])
         write_json(out / STATE_FILE, state)
     else:
-        state = {"epoch": 0, "best_val_auc": -1.0, "best_epoch": 0, "wait": 0, "lr_wait": 0,
-                 "stopped_early": False, "history": []}
+        state = new_run_state()
         write_run_config(out, RunConfig(
             classes=info.classes, train=config.to_dict(), precision=precision,
             class_weights={str(k): v for k, v in weights.items()},
