@@ -336,7 +336,7 @@ def _plateau_run(aucs: list[float], **settings) -> tuple[list[float], dict]:
     """The learning rate of every epoch and the final state of a run scoring ``aucs``."""
     from xrayfeat.training import new_run_state, plateau_step
 
-    config = TrainConfig(**settings)
+    config = TrainConfig(**{"lr": 1e-3, **settings})  # the rates below halve from 1e-3
     state = new_run_state()
     lr, lrs = config.lr, []
     for epoch, auc in enumerate(aucs, start=1):

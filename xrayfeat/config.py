@@ -34,9 +34,12 @@ class TrainConfig:
     # three channels, as RGB-loading recipes feed it (no new information, 3x the first conv)
 
     # Optimisation
-    epochs: int = 15  # a 64 px pass over 4,700 images takes 27-35 s on 2 cores: 15 fit in 10 min
-    batch_size: int = 32  # small batches regularise; 32 keeps BN statistics stable
-    lr: float = 1e-3  # Adam's default, halved on plateau
+    epochs: int = 15  # a 64 px pass over 4,700 images takes 19-21 s on a 2-core Zen 4 (bfloat16)
+    # Batch 64 at Adam's square-root-scaled rate (1e-3 x sqrt(2)): half the steps of batch
+    # 32 made the step 0.84x; on three seeds, by a rule set before they ran, its held-out
+    # figures were no worse than batch 32's (BENCHMARKS.md, "A larger batch")
+    batch_size: int = 64
+    lr: float = 0.0014  # halved on plateau
     weight_decay: float = 1e-4  # AdamW decay: 8.4M dense weights at 64 px overfit 5k images
     label_smoothing: float = 0.05  # tempers over-confident scores (calibration)
     class_weight: str = "balanced"  # "balanced" or "none"; see README "Class imbalance"
@@ -46,7 +49,7 @@ class TrainConfig:
     # 0.909, 0.948 in three neighbouring epochs of one run); an exponential moving average
     # of the weights (Keras' optimizer use_ema) is scored and saved instead.
     ema: bool = False
-    ema_momentum: float = 0.995  # averages over ~200 steps, about 1.4 epochs at 4,700 images
+    ema_momentum: float = 0.995  # averages over ~200 steps, about 2.7 epochs at 4,700 images
 
     # Operating threshold of binary runs, chosen on validation (README "Choosing a threshold")
     # "sensitivity": the highest threshold keeping validation sensitivity >= 95 %, picked
