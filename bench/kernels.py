@@ -1,5 +1,6 @@
 """The training step's kernels one at a time, oneDNN's against XLA's, at the default
-MiniVGGNet's shapes (batch 32, 64 px input, float32).
+MiniVGGNet's shapes (batch 32, 64 px input, float32 or, with ``--precision bfloat16``,
+bfloat16 as the default recipe computes on CPUs with AVX512_BF16 or AMX).
 
 Which kernel each part of the step should run on (``xrayfeat.fused_kernels``) is decided
 here: every convolution (forward with bias and ReLU, input gradient, weight gradient), the
@@ -7,9 +8,13 @@ convolutional batch norm (training) and every dense-layer product, each timed as
 TensorFlow runs it (oneDNN's kernels, as ``import xrayfeat`` sets) and compiled by XLA
 (``jit_compile=True``), interleaved over rounds, best of ``--reps`` calls per round, median
 over rounds. Prints each one's milliseconds and GFLOP/s, XLA's time as a ratio to oneDNN's
-in the same run, and TensorFlow's float32 matmul peak before and after, for scale.
+in the same run, and TensorFlow's matmul peak in the same precision before and after, for
+scale. In bfloat16 the batch norm is timed twice: as ``xrayfeat.fused_kernels`` runs it
+(the activations cast to float32 for the fused kernel and its output cast back, as Keras
+computes the statistics) and on the bfloat16 activations directly (the fused kernel takes
+them, keeping its statistics in float32), to see what the casts cost.
 
-    python bench/kernels.py [--rounds 5] [--reps 5]
+    python bench/kernels.py [--rounds 5] [--reps 5] [--precision float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -27,11 +32,19 @@ CONVOLUTIONS = (("block1_conv1", (32, 64, 64, 1), 32), ("block1_conv2", (32, 64,
 DENSE = (32, 16384, 512)
 
 
-def cases():
-    """(name, FLOPs, eager function) for every kernel of the step timed here."""
+def cases(precision: str = "float32"):
+    """(name, FLOPs, eager function) for every kernel of the step timed here, its tensors in
+    ``precision``."""
     import tensorflow as tf
 
-    rng = tf.random.Generator.from_seed(0)
+    generator = tf.random.Generator.from_seed(0)
+
+    class Random:  # normal samples in the step's precision
+        @staticmethod
+        def normal(shape):
+            return tf.cast(generator.normal(shape), precision)
+
+    rng = Random()
     for name, shape, filters in CONVOLUTIONS:
         x = rng.normal(shape)
         kernel = rng.normal((3, 3, shape[-1], filters))
@@ -53,21 +66,30 @@ def cases():
     for name, shape in (("block1 batch norm", (32, 64, 64, 32)),
                         ("block2 batch norm", (32, 32, 32, 64))):
         x, dy = rng.normal(shape), rng.normal(shape)
-        gamma, beta = tf.ones(shape[-1:]), tf.zeros(shape[-1:])
+        gamma, beta = tf.ones(shape[-1:]), tf.zeros(shape[-1:])  # float32, as the layer's
 
-        def normalized(x=x, gamma=gamma, beta=beta):  # training: the batch's statistics
+        def fused(x, gamma, beta):  # training: the batch's statistics
             return tf.compat.v1.nn.fused_batch_norm(x, gamma, beta, epsilon=1e-3,
                                                     data_format="NHWC", is_training=True)[0]
 
-        def gradients(x=x, dy=dy, gamma=gamma, beta=beta, normalized=normalized):
-            with tf.GradientTape() as tape:
-                tape.watch([x, gamma, beta])
-                y = normalized(x, gamma, beta)
-            return tape.gradient(y, [x, gamma, beta], output_gradients=dy)[0]
+        def cast_fused(x, gamma, beta):  # what xrayfeat.fused_kernels does in bfloat16
+            return tf.cast(fused(tf.cast(x, tf.float32), gamma, beta), x.dtype)
 
-        flops = 0  # memory-bound: no FLOP rate
-        yield f"{name} forward", flops, normalized
-        yield f"{name} forward + backward", flops, gradients
+        variants = [("", fused)] if precision == "float32" else [
+            (" (float32 casts)", cast_fused), (" (bfloat16 in and out)", fused)]
+        for suffix, normalize in variants:
+            def normalized(x=x, gamma=gamma, beta=beta, normalize=normalize):
+                return normalize(x, gamma, beta)
+
+            def gradients(x=x, dy=dy, gamma=gamma, beta=beta, normalize=normalize):
+                with tf.GradientTape() as tape:
+                    tape.watch([x, gamma, beta])
+                    y = normalize(x, gamma, beta)
+                return tape.gradient(y, [x, gamma, beta], output_gradients=dy)[0]
+
+            flops = 0  # memory-bound: no FLOP rate
+            yield f"{name} forward{suffix}", flops, normalized
+            yield f"{name} forward + backward{suffix}", flops, gradients
     batch, inputs, units = DENSE
     x, w = rng.normal((batch, inputs)), rng.normal((inputs, units))
     b, dy = rng.normal((units,)), rng.normal((batch, units))
@@ -82,19 +104,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
 
     import tensorflow as tf
 
     from xrayfeat.runs import tensorflow_kernels
 
-    peak = tf_matmul_peak("float32")
+    peak = tf_matmul_peak(args.precision)
     print(f"TensorFlow {tf.__version__}, CPU kernels: {tensorflow_kernels()}; TensorFlow's "
-          f"float32 matmul peak {peak:.1f} GFLOP/s; best of {args.reps} calls, median of "
-          f"{args.rounds} interleaved rounds")
-    print(f"{'kernel':<36} {'oneDNN ms':>9} {'GFLOP/s':>8} {'XLA ms':>8} {'GFLOP/s':>8} "
+          f"{args.precision} matmul peak {peak:.1f} GFLOP/s; best of {args.reps} calls, "
+          f"median of {args.rounds} interleaved rounds")
+    print(f"{'kernel':<52} {'oneDNN ms':>9} {'GFLOP/s':>8} {'XLA ms':>8} {'GFLOP/s':>8} "
           f"{'XLA / oneDNN':>12}")
-    for name, flops, function in cases():
+    for name, flops, function in cases(args.precision):
         timed = {"oneDNN": tf.function(function), "XLA": tf.function(function, jit_compile=True)}
         for compiled in timed.values():
             compiled()  # trace and compile outside the timing
@@ -104,9 +127,10 @@ def main() -> None:
                 seconds[kind].append(best_seconds(lambda: compiled().numpy(), args.reps))
         onednn, xla = (statistics.median(seconds[k]) for k in ("oneDNN", "XLA"))
         rates = [f"{flops / t / 1e9:8.1f}" if flops else f"{'-':>8}" for t in (onednn, xla)]
-        print(f"{name:<36} {1e3 * onednn:9.2f} {rates[0]} {1e3 * xla:8.2f} {rates[1]} "
+        print(f"{name:<52} {1e3 * onednn:9.2f} {rates[0]} {1e3 * xla:8.2f} {rates[1]} "
               f"{xla / onednn:11.3f}x", flush=True)
-    print(f"TensorFlow's float32 matmul peak after: {tf_matmul_peak('float32'):.1f} GFLOP/s")
+    print(f"TensorFlow's {args.precision} matmul peak after: "
+          f"{tf_matmul_peak(args.precision):.1f} GFLOP/s")
 
 
 if __name__ == "__main__":
