@@ -56,6 +56,27 @@ def test_fused_batch_norm_matches_keras_forward_backward_and_moving_statistics()
     np.testing.assert_array_equal(inference[0], inference[1])
 
 
+def test_fused_batch_norm_in_bfloat16_matches_keras_and_stays_bfloat16():
+    # bfloat16 activations go to the fused kernel without casts; its statistics are still
+    # float32, as Keras' upcast keeps them, so only the bfloat16 rounding of the output and
+    # of the input gradient may differ.
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.normal(3.0, 2.0, (4, 12, 12, 6)), tf.bfloat16)
+    weights = tf.constant(rng.normal(0.0, 1.0, (4, 12, 12, 6)), tf.bfloat16)
+    keras_bn, fused_bn = _bn_model(dtype="mixed_bfloat16"), _bn_model(dtype="mixed_bfloat16")
+    assert fuse_batch_norm(fused_bn) == 1
+
+    expected = _forward_backward(keras_bn, x, weights, training=True)
+    got = _forward_backward(fused_bn, x, weights, training=True)
+    assert str(got[0].dtype) == str(got[1].dtype) == "bfloat16"  # output and d input
+    names = ("output", "d input", "d gamma", "d beta", "moving mean", "moving variance")
+    for name, want, have in zip(names, expected, got):
+        want, have = want.astype("float32"), have.astype("float32")
+        np.testing.assert_allclose(have, want, rtol=2e-2, atol=2e-2 * np.abs(want).max(),
+                                   err_msg=name)
+    assert np.all(got[-2] > 0.2) and np.all(got[-1] > 1.2)
+
+
 def test_only_plain_four_dimensional_batch_norm_is_fused():
     model = build_minivggnet(2, input_size=32, stored_size=32)
     # four convolutional batch norms; the dense layer's (2-D) keeps Keras' ops
