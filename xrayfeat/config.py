@@ -34,7 +34,7 @@ class TrainConfig:
     # three channels, as RGB-loading recipes feed it (no new information, 3x the first conv)
 
     # Optimisation
-    epochs: int = 15  # a 64 px pass over 4,700 images takes 19-21 s on a 2-core Zen 4 (bfloat16)
+    epochs: int = 15  # a 64 px pass over 4,700 images: ~16 s on a 2-core Zen 4 in bfloat16
     # Batch 64 at Adam's square-root-scaled rate (1e-3 x sqrt(2)): half the steps of batch
     # 32 made the step 0.84x; on three seeds, by a rule set before they ran, its held-out
     # figures were no worse than batch 32's (BENCHMARKS.md, "A larger batch")
