@@ -26,8 +26,8 @@ from xrayfeat.errors import RunError
 #: Names of the convolutional layers, shallow to deep (width does not change them).
 CONV_LAYERS = ("block1_conv1", "block1_conv2", "block2_conv1", "block2_conv2")
 #: Moving-statistics momentum of BatchNormalization. Keras' 0.99 lags ~100 steps behind the
-#: weights; with ~150 steps an epoch (batch 32), validation scores of the first epochs collapsed to
-#: chance (measured: val AUC 0.90 then 0.50); 0.9 tracks them within an epoch.
+#: weights; with ~150 steps an epoch (batch 32), validation scores of the first epochs
+#: collapsed to chance (measured: val AUC 0.90 then 0.50); 0.9 tracks them within an epoch.
 BN_MOMENTUM = 0.9
 #: Keras dtype policy of each precision: ``bfloat16`` computes convolutions and matrix
 #: products in bfloat16 with float32 weights; ``float32`` computes everything in float32.
