@@ -31,7 +31,8 @@ of the default step (tensors in memory), each with one part removed: the acquisi
 augmentations, all augmentation, augmentation and the in-model resize, batch norm,
 dropout, Adam (plain SGD), one host round trip per step (``steps_per_execution`` 8); the
 step with TensorFlow's oneDNN kernels forced on or off (``TF_ENABLE_ONEDNN_OPTS``, which
-xrayfeat sets to 1 on x86-64), with the input pipeline on one thread, with one inter-op
+xrayfeat sets to 1 on x86-64), with the input pipeline on one thread, with OpenCV's own
+thread pool off (the augmentation's warps on the map's thread alone), with one inter-op
 thread, and with the convolutions' weight gradients by XLA (candidates, not defaults); and
 the forward pass alone. What an ablation saves against the default step is what that part
 costs.
@@ -149,7 +150,8 @@ VARIANTS = ("plain fit", "tensors", "HDF5 in RAM", "HDF5 streamed", "tensors, fl
 PROFILE = ("Keras' own batch norm and Adam", "fused batch norm, Keras' AdamW",
            "augmentation in TensorFlow's ops", "no acquisition augmentation", "no augmentation",
            "no augmentation, no resize",
-           "tf.data on one thread", "one inter-op thread", "XLA weight gradients",
+           "tf.data on one thread", "OpenCV on one thread", "one inter-op thread",
+           "XLA weight gradients",
            "oneDNN weight gradients", "batch 64", "batch 128",
            "oneDNN on", "oneDNN off", "no batch norm", "no dropout",
            "SGD optimizer", "steps_per_execution 8",
@@ -193,6 +195,8 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None,
 
     if variant == "one inter-op thread":  # ops one at a time, each on both cores
         tf.config.threading.set_inter_op_parallelism_threads(1)
+    if variant == "OpenCV on one thread":  # the augmentation's warps without OpenCV's pool
+        cv2.setNumThreads(1)
     config = TrainConfig(epochs=epochs + 1, precision=precision)
     if input_size:
         config.input_size = input_size
