@@ -1,6 +1,7 @@
-"""The training step's kernels one at a time, oneDNN's against XLA's, at the default
-MiniVGGNet's shapes (batch 32, 64 px input, float32 or, with ``--precision bfloat16``,
-bfloat16 as the default recipe computes on CPUs with AVX512_BF16 or AMX).
+"""The training step's kernels one at a time, oneDNN's against XLA's, at MiniVGGNet's
+shapes (batch 32, the default before batch 64, kept so the logs compare; 64 px input;
+float32 or, with ``--precision bfloat16``, bfloat16 as the default recipe computes on CPUs
+with AVX512_BF16 or AMX).
 
 Which kernel each part of the step should run on (``xrayfeat.fused_kernels``) is decided
 here: every convolution (forward with bias and ReLU, input gradient, weight gradient), the
