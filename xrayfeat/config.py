@@ -36,8 +36,8 @@ class TrainConfig:
     # Optimisation
     epochs: int = 15  # a 64 px pass over 4,700 images: ~16 s on a 2-core Zen 4 in bfloat16
     # Batch 64 at Adam's square-root-scaled rate (1e-3 x sqrt(2)): half the steps of batch
-    # 32 made the step 0.84x; on three seeds, by a rule set before they ran, its held-out
-    # figures were no worse than batch 32's (BENCHMARKS.md, "A larger batch")
+    # 32 made the step 0.84x; on three seeds in each precision, by rules set before they
+    # ran, its held-out figures were no worse than batch 32's (BENCHMARKS.md, "A larger batch")
     batch_size: int = 64
     lr: float = 0.0014  # halved on plateau
     weight_decay: float = 1e-4  # AdamW decay: 8.4M dense weights at 64 px overfit 5k images
