@@ -40,17 +40,14 @@ def cases(precision: str = "float32"):
 
     generator = tf.random.Generator.from_seed(0)
 
-    class Random:  # normal samples in the step's precision
-        @staticmethod
-        def normal(shape):
-            return tf.cast(generator.normal(shape), precision)
+    def normal(shape):  # normal samples in the step's precision
+        return tf.cast(generator.normal(shape), precision)
 
-    rng = Random()
     for name, shape, filters in CONVOLUTIONS:
-        x = rng.normal(shape)
-        kernel = rng.normal((3, 3, shape[-1], filters))
-        bias = rng.normal((filters,))
-        dy = rng.normal(shape[:3] + (filters,))
+        x = normal(shape)
+        kernel = normal((3, 3, shape[-1], filters))
+        bias = normal((filters,))
+        dy = normal(shape[:3] + (filters,))
         flops = 2 * shape[0] * shape[1] * shape[2] * 9 * shape[-1] * filters
         yield (f"{name} forward + bias + ReLU", flops,
                lambda x=x, k=kernel, b=bias: tf.nn.relu(tf.nn.bias_add(
@@ -66,7 +63,7 @@ def cases(precision: str = "float32"):
                    padding="SAME"))
     for name, shape in (("block1 batch norm", (32, 64, 64, 32)),
                         ("block2 batch norm", (32, 32, 32, 64))):
-        x, dy = rng.normal(shape), rng.normal(shape)
+        x, dy = normal(shape), normal(shape)
         gamma, beta = tf.ones(shape[-1:]), tf.zeros(shape[-1:])  # float32, as the layer's
 
         def fused(x, gamma, beta):  # training: the batch's statistics
@@ -92,8 +89,8 @@ def cases(precision: str = "float32"):
             yield f"{name} forward{suffix}", flops, normalized
             yield f"{name} forward + backward{suffix}", flops, gradients
     batch, inputs, units = DENSE
-    x, w = rng.normal((batch, inputs)), rng.normal((inputs, units))
-    b, dy = rng.normal((units,)), rng.normal((batch, units))
+    x, w = normal((batch, inputs)), normal((inputs, units))
+    b, dy = normal((units,)), normal((batch, units))
     flops = 2 * batch * inputs * units
     yield ("fc1 forward + bias + ReLU", flops,
            lambda: tf.nn.relu(tf.nn.bias_add(tf.matmul(x, w), b)))
