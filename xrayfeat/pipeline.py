@@ -93,26 +93,42 @@ def augment_arrays(images: np.ndarray, params: np.ndarray, config: TrainConfig) 
     out = np.empty((b, height, width), np.float32)
     rows, cols = np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32)
     taps = _gaussian_taps(height)
+    # Each image is worked on in place, in its row of ``out``: the same float32 operations
+    # in the same order as the formulas in the comments (the same bits: tested), without a
+    # temporary image per operation. The map runs beside the training step on the same
+    # cores, so every pass it saves is the step's (BENCHMARKS.md, "The 4-minute target").
     for i in range(b):
         a0, a1, a2, b0, b1, b2, flip, contrast, brightness, blur, gamma, frame = params[i]
         image = images[i, :, ::-1, 0] if flip else images[i, :, :, 0]
-        x = cv2.warpAffine(np.ascontiguousarray(image), np.array([[a0, a1, a2], [b0, b1, b2]]),
-                           (width, height), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                           borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+        x = out[i]
+        cv2.warpAffine(np.ascontiguousarray(image), np.array([[a0, a1, a2], [b0, b1, b2]]),
+                       (width, height), dst=x, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                       borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+        # clip((x - mean) * contrast + mean + brightness, 0, 255)
         mean = x.mean(dtype=np.float32)
-        x = np.clip((x - mean) * contrast + mean + brightness, 0.0, 255.0)
+        x -= mean
+        x *= contrast
+        x += mean
+        x += brightness
+        np.clip(x, 0.0, 255.0, out=x)
         if config.blur:
             # Blur (blur > 0) or unsharp-mask sharpening (< 0) towards a Gaussian of sigma
             # height/64: acquisition sites differ in sharpness (see `xrayfeat audit`).
+            # clip(x + blur * (blurred - x), 0, 255)
             blurred = cv2.sepFilter2D(x, cv2.CV_32F, taps, taps,
                                       borderType=cv2.BORDER_REFLECT_101)
-            x = np.clip(x + blur * (blurred - x), 0.0, 255.0)
+            blurred -= x
+            blurred *= blur
+            x += blurred
+            np.clip(x, 0.0, 255.0, out=x)
         if config.gamma:
-            x = cv2.pow(x * np.float32(1.0 / 255.0), float(gamma)) * np.float32(255.0)
-        if config.frame and frame > 0:
-            x = x * (((rows >= frame) & (rows < height - frame))[:, None]
-                     & ((cols >= frame) & (cols < width - frame))[None, :])
-        out[i] = x
+            # 255 * (x / 255) ** gamma, as (x * float32(1 / 255)) ** gamma * 255
+            x *= np.float32(1.0 / 255.0)
+            cv2.pow(x, float(gamma), dst=x)
+            x *= np.float32(255.0)
+        if config.frame and frame > 0:  # a black frame: zero the rows and columns outside
+            x[~((rows >= frame) & (rows < height - frame))] = 0.0
+            x[:, ~((cols >= frame) & (cols < width - frame))] = 0.0
     return out[..., None]
 
 
