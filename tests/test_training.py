@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import h5py
@@ -305,6 +306,56 @@ def test_opencv_augmentation_matches_tensorflow_image_ops(example_images):
     assert np.abs(got - x.numpy()).mean() > 5.0  # it did augment
 
 
+def _augment_by_the_formulas(images, params, config):
+    """augment_arrays as it was written before it worked in place: one new image per
+    operation, the formulas as they read. The reference for its bits."""
+    import cv2
+
+    from xrayfeat.pipeline import _gaussian_taps
+
+    b, height, width = images.shape[:3]
+    out = np.empty((b, height, width), np.float32)
+    rows, cols = np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32)
+    taps = _gaussian_taps(height)
+    for i in range(b):
+        a0, a1, a2, b0, b1, b2, flip, contrast, brightness, blur, gamma, frame = params[i]
+        image = images[i, :, ::-1, 0] if flip else images[i, :, :, 0]
+        x = cv2.warpAffine(np.ascontiguousarray(image), np.array([[a0, a1, a2], [b0, b1, b2]]),
+                           (width, height), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+        mean = x.mean(dtype=np.float32)
+        x = np.clip((x - mean) * contrast + mean + brightness, 0.0, 255.0)
+        blurred = cv2.sepFilter2D(x, cv2.CV_32F, taps, taps, borderType=cv2.BORDER_REFLECT_101)
+        x = np.clip(x + blur * (blurred - x), 0.0, 255.0)
+        x = cv2.pow(x * np.float32(1.0 / 255.0), float(gamma)) * np.float32(255.0)
+        if frame > 0:
+            x = x * (((rows >= frame) & (rows < height - frame))[:, None]
+                     & ((cols >= frame) & (cols < width - frame))[None, :])
+        out[i] = x
+    return out[..., None]
+
+
+def test_augmentation_in_place_keeps_the_bits_of_its_formulas(example_images):
+    """augment_arrays works on each image in place to spare the training step's cores;
+    on real radiographs, every augmentation on, its pixels are the formulas' to the bit."""
+    import cv2
+    import tensorflow as tf
+
+    from xrayfeat.pipeline import augment_arrays, augmentation_parameters
+
+    images = np.stack([cv2.resize(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE), (96, 96),
+                                  interpolation=cv2.INTER_AREA) for p in example_images[:12]])
+    x = images.astype("float32")[..., None]
+    config = TrainConfig(blur=1.0, gamma=0.4, frame=0.2, hflip=True)
+    for seed in range(3):
+        params = augmentation_parameters(len(images), 96, tf.constant([seed, 8]),
+                                         config).numpy()
+        got = augment_arrays(x, params, config)
+        assert got.dtype == np.float32 and got.shape == x.shape
+        np.testing.assert_array_equal(got.view(np.uint32),
+                                      _augment_by_the_formulas(x, params, config).view(np.uint32))
+
+
 def test_acquisition_augmentations_do_what_they_say():
     import tensorflow as tf
 
@@ -528,6 +579,33 @@ def test_threshold_method_is_recorded_with_its_interval(examples_h5, tmp_path):
     assert validation["threshold_min_sensitivity"] == 0.9
     assert validation["metrics"]["sensitivity"] >= 0.9
     assert validation["threshold"] == result.threshold
+
+
+def test_even_batch_size_scores_in_the_fewest_batches_of_one_size():
+    from xrayfeat.training import even_batch_size
+
+    assert even_batch_size(521) == 105  # 5 batches, 4 padded images (not 119)
+    assert even_batch_size(300) == 100
+    assert even_batch_size(128) == 128 and even_batch_size(129) == 65
+    assert even_batch_size(7) == 7 and even_batch_size(1) == 1 and even_batch_size(0) == 1
+
+
+def test_the_runs_threshold_and_metrics_are_those_of_its_saved_model(trained_run, examples_h5,
+                                                                    tmp_path):
+    """train takes the threshold and validation metrics from the best epoch's own scores;
+    scoring the saved model.keras again must give the same file."""
+    from xrayfeat.config import checked_settings
+    from xrayfeat.dataset import load_split, open_dataset
+    from xrayfeat.training import _finish
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    written = (run / "validation.json").read_text()
+    config = json.loads((run / "config.json").read_text())["train"]
+    _finish(run, open_dataset(examples_h5), load_split(examples_h5, "val"),
+            json.loads((run / "state.json").read_text()), checked_settings(config, "config"),
+            started=0.0)  # no probabilities given: model.keras is loaded and scored
+    assert (run / "validation.json").read_text() == written
 
 
 def test_bfloat16_training_scores_and_saves_a_float32_model(examples_h5, tmp_path):

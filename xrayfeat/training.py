@@ -16,6 +16,7 @@ Design choices (measured, see BENCHMARKS.md):
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -110,6 +111,14 @@ def predict_local(model, images: np.ndarray, batch_size: int = 128) -> np.ndarra
 
 #: One traced inference function per model (weak keys: gone with the model).
 _FORWARD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def even_batch_size(n: int, most: int = 128) -> int:
+    """The batch size that scores ``n`` images in the fewest batches of at most ``most``,
+    all of one size: 521 validation images go in 5 batches of 105 (4 padded images), not 5
+    of 128 (119 padded, 18 % of the work). :func:`predict_local` traces once per batch size,
+    so a run scores its validation split with one trace at every epoch."""
+    return max(1, math.ceil(n / max(1, math.ceil(n / most))))
 
 
 def val_auc(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -212,6 +221,10 @@ def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
         """
 
         _twin = None
+        #: The best epoch's validation probabilities: what ``model.keras`` scores, so the
+        #: run's threshold and metrics need not load and score it again.
+        best_probs: np.ndarray | None = None
+        _batch = even_batch_size(len(val_images))
 
         def scoring_model(self):
             """The model validation scores and ``model.keras`` saves: float32, without the
@@ -245,7 +258,7 @@ def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
             scorer = self.scoring_model()
-            probs = predict_local(scorer, val_images)
+            probs = predict_local(scorer, val_images, batch_size=self._batch)
             auc = val_auc(val_labels, probs)
             eps = 1e-7
             val_loss = float(-np.mean(np.log(np.clip(
@@ -260,6 +273,7 @@ def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
             if improved:
                 with atomic_output(out / MODEL_FILE) as tmp:
                     scorer.save(tmp)
+                self.best_probs = probs
             if next_lr != lr:
                 self.model.optimizer.learning_rate = next_lr
             if state["stopped_early"]:
@@ -424,8 +438,9 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
     if reporter:
         reporter.on_train_start(config.epochs, state["epoch"], steps)
     bn_sample = _bn_sample(info, config) if config.ema else np.zeros((0,))
-    callbacks = [_make_keeper(out, val.images[..., None], val.labels, config, state, reporter,
-                              bn_sample)]
+    keeper = _make_keeper(out, val.images[..., None], val.labels, config, state, reporter,
+                          bn_sample)
+    callbacks = [keeper]
     if config.tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(config.tensorboard))
     already_stopped = state.get("stopped_early", False)
@@ -437,7 +452,7 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
             model.fit(train_ds, epochs=config.epochs, initial_epoch=state["epoch"],
                       steps_per_epoch=steps, callbacks=callbacks, verbose=0, shuffle=False)
 
-    return _finish(out, info, val, state, config, started)
+    return _finish(out, info, val, state, config, started, keeper.best_probs)
 
 
 def _bn_sample(info: DatasetInfo, config: TrainConfig) -> np.ndarray:
@@ -492,10 +507,17 @@ def _roi_settings(path: Path) -> dict:
 
 
 def _finish(out: Path, info: DatasetInfo, val, state: dict, config: TrainConfig,
-            started: float) -> TrainResult:
-    """Threshold and metrics of the best model on validation; training curves."""
-    model = load_model_safely(out / MODEL_FILE)
-    probs = predict_local(model, val.images[..., None])
+            started: float, best_probs: np.ndarray | None = None) -> TrainResult:
+    """Threshold and metrics of the best model on validation; training curves.
+
+    ``best_probs`` are the best epoch's validation probabilities when this process scored
+    it; otherwise (a resumed run whose best epoch came before) ``model.keras`` is scored.
+    """
+    if best_probs is None:
+        images = val.images[..., None]
+        best_probs = predict_local(load_model_safely(out / MODEL_FILE), images,
+                                   batch_size=even_batch_size(len(images)))
+    probs = best_probs
     validation: dict[str, Any] = {"threshold": None, "threshold_method": None}
     if probs.shape[1] == 2:
         point = choose_threshold(val.labels, probs[:, 1], config.threshold_method,
