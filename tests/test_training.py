@@ -250,6 +250,23 @@ def test_epoch_order_is_a_seeded_permutation():
     assert not np.array_equal(a, epoch_order(50, 1, 4))
 
 
+@pytest.mark.parametrize("memory_budget_mb", [4096, 0])  # held in RAM, streamed
+def test_training_pipeline_has_no_autotuning_model(examples_h5, memory_budget_mb):
+    """Deleting an iterator whose autotuning model is on waits for its optimisation
+    thread to wake, up to tens of seconds after a long fit (BENCHMARKS.md): the pipeline
+    that feeds fit runs without it, and still yields whole batches."""
+    from xrayfeat.dataset import open_dataset
+    from xrayfeat.pipeline import make_train_dataset
+
+    config = _tiny_config(memory_budget_mb=memory_budget_mb)
+    dataset, steps = make_train_dataset(open_dataset(examples_h5), config, 0, {0: 1.0, 1: 1.0},
+                                        2)
+    assert dataset.options().autotune.enabled is False
+    images, one_hot, weights = next(iter(dataset))
+    assert images.shape[0] == one_hot.shape[0] == weights.shape[0] == config.batch_size
+    assert steps >= 1
+
+
 @pytest.mark.parametrize("extra", [{}, {"blur": 1.0, "gamma": 0.4, "frame": 0.1}])
 def test_augmentation_is_a_pure_function_of_its_seed(extra):
     import tensorflow as tf

@@ -256,4 +256,10 @@ def _finish_pipeline(source, load, n: int, config: TrainConfig, initial_epoch: i
     ds = ds.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    # No autotuning model: deleting the iterator at the end of ``fit`` waits for the
+    # model's optimisation thread (py-spy: inside the iterator's destructor), the process
+    # idle for 4 s after one epoch, 9 s after two, 37 s after three (measured). Without it
+    # the map keeps its starting parallelism, one call per core up to 16, and was no
+    # slower; the batches are the same (BENCHMARKS.md, "The 4-minute target").
+    options.autotune.enabled = False
     return ds.with_options(options), steps
