@@ -513,11 +513,11 @@ def _finish(out: Path, info: DatasetInfo, val, state: dict, config: TrainConfig,
     ``best_probs`` are the best epoch's validation probabilities when this process scored
     it; otherwise (a resumed run whose best epoch came before) ``model.keras`` is scored.
     """
-    if best_probs is None:
-        images = val.images[..., None]
-        best_probs = predict_local(load_model_safely(out / MODEL_FILE), images,
-                                   batch_size=even_batch_size(len(images)))
     probs = best_probs
+    if probs is None:
+        images = val.images[..., None]
+        probs = predict_local(load_model_safely(out / MODEL_FILE), images,
+                              batch_size=even_batch_size(len(images)))
     validation: dict[str, Any] = {"threshold": None, "threshold_method": None}
     if probs.shape[1] == 2:
         point = choose_threshold(val.labels, probs[:, 1], config.threshold_method,
