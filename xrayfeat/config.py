@@ -50,7 +50,7 @@ class TrainConfig:
     # 0.909, 0.948 in three neighbouring epochs of one run); an exponential moving average
     # of the weights (Keras' optimizer use_ema) is scored and saved instead.
     ema: bool = False
-    ema_momentum: float = 0.995  # averages over ~200 steps, about 2.7 epochs at 4,700 images
+    ema_momentum: float = 0.995  # ~200 steps: about 5.4 epochs of 4,700 images at batch 128
 
     # Operating threshold of binary runs, chosen on validation (README "Choosing a threshold")
     # "sensitivity": the highest threshold keeping validation sensitivity >= 95 %, picked
