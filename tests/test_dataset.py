@@ -369,6 +369,26 @@ def test_streamed_batches_are_the_in_memory_batches_in_the_same_order(examples_h
     np.testing.assert_array_equal(in_file_order, whole.images)
 
 
+def test_each_split_reads_exactly_its_own_rows_in_file_order(examples_h5, tmp_path):
+    """Runs of consecutive rows and scattered rows alike: each split's images are the file's
+    rows of that split, row for row, whatever mix of runs the read takes."""
+    from xrayfeat.dataset import _read_rows, load_split
+
+    with h5py.File(examples_h5, "r") as h5:
+        stored, splits = h5["images"][:], np.array(read_column(h5, "split"))
+        scattered = 0
+        for split in np.unique(splits):
+            rows = np.flatnonzero(splits == split)
+            scattered += bool(np.any(np.diff(rows) > 1))
+            np.testing.assert_array_equal(load_split(examples_h5, str(split)).images,
+                                          stored[rows])
+        assert scattered, "no split of the fixture has rows apart: nothing tested"
+        # Runs, single rows, a row repeated, rows backwards, and none at all.
+        rows = np.array([3, 4, 5, 9, 0, 1, 1, 8, 7, 2])
+        np.testing.assert_array_equal(_read_rows(h5["images"], rows), stored[rows])
+        assert _read_rows(h5["images"], np.array([], np.int64)).shape == (0, *stored.shape[1:])
+
+
 # --------------------------------------------------------------------------- --resize
 
 def test_letterbox_keeps_the_aspect_ratio_and_fills_with_the_background():
