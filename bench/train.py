@@ -152,7 +152,7 @@ PROFILE = ("Keras' own batch norm and Adam", "fused batch norm, Keras' AdamW",
            "no augmentation, no resize",
            "tf.data on one thread", "OpenCV on one thread", "one inter-op thread",
            "XLA weight gradients",
-           "oneDNN weight gradients", "batch 32", "batch 64", "batch 128",
+           "oneDNN weight gradients", "batch 32", "batch 64", "batch 128", "batch 256",
            "oneDNN on", "oneDNN off", "no batch norm", "no dropout",
            "SGD optimizer", "steps_per_execution 8",
            "forward only")
@@ -217,7 +217,7 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None,
             return pipeline.augment_with_tensorflow_ops(x, params, config)
 
         pipeline.augment_batch = augment_batch  # what the input pipeline calls
-    if variant in ("batch 32", "batch 64", "batch 128"):  # the same images, other step counts
+    if variant in ("batch 32", "batch 64", "batch 128", "batch 256"):  # other step counts
         config.batch_size = int(variant.split()[1])
     if variant in ("XLA weight gradients", "oneDNN weight gradients"):
         config.xla_weight_gradients = variant == "XLA weight gradients"
