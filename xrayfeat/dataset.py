@@ -487,10 +487,10 @@ def _read_rows(images: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
     """``images[rows]`` in the order given, one read per run of consecutive rows.
 
     A split's rows in file order are long runs (train) or scattered rows (a 10 % validation
-    split); reading each run alone reads no row twice and no row of another split: the
-    Kermany validation split in 0.15 s against 1.2 s through 512-row slabs, the train split
-    in the same time (BENCHMARKS.md, "The 4-minute target"). h5py's fancy indexing took 6x
-    longer than one read per row (60 against 10 ms per 32 rows).
+    split); reading each run alone reads no row of another split: the Kermany validation
+    split in 0.15 s against 1.2 s through 512-row slabs of the whole file, the train split
+    in the same time (BENCHMARKS.md, "The real epoch against the benchmark's"). h5py's
+    fancy indexing took 6x longer than one read per row (60 against 10 ms per 32 rows).
     """
     batch = np.empty((len(rows), *images.shape[1:]), images.dtype)
     if not len(rows):
