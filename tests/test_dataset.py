@@ -369,7 +369,7 @@ def test_streamed_batches_are_the_in_memory_batches_in_the_same_order(examples_h
     np.testing.assert_array_equal(in_file_order, whole.images)
 
 
-def test_each_split_reads_exactly_its_own_rows_in_file_order(examples_h5, tmp_path):
+def test_each_split_reads_exactly_its_own_rows_in_file_order(examples_h5):
     """Runs of consecutive rows and scattered rows alike: each split's images are the file's
     rows of that split, row for row, whatever mix of runs the read takes."""
     from xrayfeat.dataset import _read_rows, load_split

@@ -454,11 +454,9 @@ def load_split(path: Path, split: str, with_images: bool = True) -> SplitArrays:
     """Read one split into memory (use :func:`iter_split` for splits larger than RAM)."""
     index = split_indices(path, split)
     with h5py.File(path, "r") as h5:
-        size = int(h5.attrs["size"])
-        images = (_read_rows(h5["images"], index) if with_images
-                  else np.empty((0,), np.uint8))
         return SplitArrays(
-            images=images,
+            images=(_read_rows(h5["images"], index) if with_images
+                    else np.empty((0,), np.uint8)),
             labels=h5["labels"][:][index].astype(np.int64),
             patients=h5["patient"].asstr()[:][index],
             paths=h5["path"].asstr()[:][index],
