@@ -75,7 +75,7 @@ class TrainConfig:
     brightness: float = 0.10  # fraction of the 0-255 range
     contrast: float = 0.15
     hflip: bool = False
-    # Against the acquisition shortcuts `xrayfeat audit` measures (README "Reading the audit");
+    # Against the acquisition shortcuts `xrayfeat audit` measures (README, `audit`: "Reading it");
     # on by default since they were shown not to cost held-out accuracy (BENCHMARKS.md
     # "Acquisition augmentation"); 0 turns each off
     blur: float = 1.0  # per image, blur (up to this mix) or sharpen (unsharp, up to this amount)
