@@ -12,6 +12,7 @@ two-class folder in the ``SRC/CLASS/*`` layout.
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -21,6 +22,15 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES_DIR = REPO_ROOT / "examples" / "chest_xray"
+
+# Tests read the CLI's output as a pipe gets it, whatever the machine running them sets.
+# These make Rich (FORCE_COLOR, TTY_COMPATIBLE, TTY_INTERACTIVE) and Typer (PY_COLORS, and
+# GITHUB_ACTIONS unless told otherwise) draw for a terminal even into a pipe: colour codes
+# in every line, tables cut to 80 columns. Set here, before any test imports the CLI, and
+# inherited by the commands the tests run in subprocesses.
+for _name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "PY_COLORS"):
+    os.environ.pop(_name, None)
+os.environ["_TYPER_FORCE_DISABLE_TERMINAL"] = "1"
 
 
 # --------------------------------------------------------------------------- image makers
