@@ -27,11 +27,15 @@ def image(examples_dir) -> Path:
     return examples_dir / "val" / "NORMAL" / "IM-0711-0001.jpeg"
 
 
-def test_visualize_images_writes_figures_and_summary(trained_run, image, tmp_path):
-    out = tmp_path / "grids"
-    bad = tmp_path / "bad.jpeg"
-    bad.write_text("not an image")
-    result = runner.invoke(app, ["visualize-layers", str(trained_run), str(image), str(bad),
+def test_visualize_images_writes_figures_and_summary(trained_run, image, tmp_path,
+                                                     monkeypatch):
+    # Short relative paths: the table folds a cell longer than its share of the line, and
+    # a long temporary folder must not cut the names asserted on below.
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(image, image.name)
+    out = Path("grids")
+    Path("bad.jpeg").write_text("not an image")
+    result = runner.invoke(app, ["visualize-layers", str(trained_run), image.name, "bad.jpeg",
                                  "--out", str(out), "--layer", "block1_conv1",
                                  "--layer", "block2_conv2", "--max-channels", "4",
                                  "--cam", "scorecam", "--filters"])
