@@ -85,7 +85,9 @@ def test_an_exported_run_is_the_same_model_in_its_own_runtime(trained_run, tmp_p
         row = rows[str(path.resolve())]
         label = classes[1] if probs[1] >= threshold else classes[0]
         assert tie or label == row["label"], path
-        assert probs[1] == pytest.approx(float(row["probability"]), abs=2e-6)
+        # The CSV holds Keras' probability to 6 decimals; the runtime may differ from Keras
+        # by up to TOLERANCE (above), on another CPU's kernels.
+        assert probs[1] == pytest.approx(float(row["probability"]), abs=TOLERANCE + 5e-7)
 
 
 def test_preprocessing_json_says_what_the_model_expects(trained_run, tmp_path):

@@ -140,7 +140,9 @@ def test_fused_adamw_decays_the_weights_keras_decays_and_only_those():
     np.testing.assert_array_equal(bias, bias0)  # excluded from the decay, as in Keras
     _, keras_own = trained(fused=False)
     for mine, theirs in zip((kernel, bias), keras_own):
-        np.testing.assert_array_equal(mine, theirs)
+        # Keras' formula term for term; XLA may fuse a multiply-add where another CPU's
+        # build does not, so to a rounding (an ulp or two) rather than bit for bit.
+        np.testing.assert_array_max_ulp(mine, theirs, maxulp=2)
 
 
 def test_fuse_adam_leaves_amsgrad_other_optimizers_and_strategies_alone():
