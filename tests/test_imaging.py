@@ -303,7 +303,8 @@ def test_png_bomb_fails_fast_from_its_header(tmp_path):
     started = time.perf_counter()
     with pytest.raises(ImageReadError, match="too large.*100000 x 100000"):
         read_radiograph(path)
-    assert time.perf_counter() - started < 0.5
+    # Refused from the header in milliseconds; decoding 10 GB of pixels would take minutes.
+    assert time.perf_counter() - started < 5.0
 
 
 def test_jpeg_bomb_fails_from_its_frame_header(example_images):
