@@ -112,6 +112,25 @@ def test_skip_done_resumes_to_the_same_output(trained_run, mixed_folder, tmp_pat
     assert part.read_text(encoding="utf-8") == full.read_text(encoding="utf-8")
 
 
+def test_the_summary_names_its_output_on_one_line_however_long_the_path(trained_run,
+                                                                          mixed_folder,
+                                                                          tmp_path):
+    # Off a terminal lines are drawn 240 columns wide: a longer path must not be wrapped
+    # in the middle of a message a script or a log search reads.
+    deep = tmp_path.joinpath(*[f"folder-{k:02d}-of-a-hospital-export" for k in range(8)])
+    deep.mkdir(parents=True)
+    out = deep / "p.csv"
+    assert len(str(out)) > 260
+    for _ in range(2):  # the second run finds every file already done
+        result = runner.invoke(app, ["predict", str(trained_run), str(mixed_folder),
+                                     "--out", str(out), "--skip-done", "--workers", "1"])
+        assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert any(line.startswith("predicted 0 file(s)") and line.endswith(f"-> {out}")
+               for line in lines), lines
+    assert any(line.endswith(f"already in {out} were skipped") for line in lines), lines
+
+
 def test_cli_exit_codes_and_strict(trained_run, mixed_folder, tmp_path):
     out = tmp_path / "p.csv"
     result = runner.invoke(app, ["predict", str(trained_run), str(mixed_folder), "--out",
