@@ -77,9 +77,11 @@ def _root(
 ) -> None:
     state["debug"] = debug
     # Off a terminal (a pipe, a file, a log) no terminal width applies: tables are drawn
-    # wide enough never to cut a name, whatever COLUMNS says.
+    # wide enough never to cut a name, whatever COLUMNS says, and a message stays on its
+    # one line however long the path in it.
     for console in (out_console, err_console):
         console.width = None if console.is_terminal else UNBOUNDED_WIDTH
+        console.soft_wrap = not console.is_terminal
 
 
 _JSON = typer.Option(False, "--json", help="Print exactly one JSON object on stdout.")

@@ -232,8 +232,7 @@ def render_evaluate(result, json_out: bool) -> None:
     """One column per run: metric value with its 95% CI; notices and left-out files."""
 
     for notice in result.notices:
-        err_console.print(f"[yellow]notice:[/] {escape(notice)}", highlight=False,
-                          soft_wrap=True)
+        err_console.print(f"[yellow]notice:[/] {escape(notice)}", highlight=False)
     if result.left_out:
         err_console.print(f"[yellow]{len(result.left_out)} file(s) could not be read and were "
                           "left out of the metrics:[/]", highlight=False)
@@ -309,10 +308,10 @@ def render_predict(summary, table: bool) -> None:
     counts = escape(", ".join(f"{c}: {n}" for c, n in summary.per_class.items()))
     where = f" -> {escape(str(summary.out))}" if summary.out else ""
     err_console.print(f"predicted {summary.predicted} file(s) in {summary.seconds:.1f} s "
-                      f"({counts}){where}", highlight=False, soft_wrap=True)
+                      f"({counts}){where}", highlight=False)
     if summary.skipped_done:
         err_console.print(f"{summary.skipped_done} file(s) already in {escape(str(summary.out))} "
-                          "were skipped", soft_wrap=True)
+                          "were skipped")
     if summary.errors:
         err_console.print(f"[yellow]{summary.errors} file(s) could not be read[/]; "
                           "see the error column", highlight=False)
