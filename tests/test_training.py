@@ -86,6 +86,29 @@ def test_bfloat16_model_has_a_float32_twin_with_the_same_weights():
     np.testing.assert_allclose(mixed, exact, atol=0.02)
 
 
+def test_copy_weights_gives_the_twin_every_value_of_the_trained_model():
+    import keras
+
+    from xrayfeat.model import build_minivggnet, copy_weights, float32_twin
+
+    model = build_minivggnet(2, input_size=32, stored_size=48, width=0.25, precision="bfloat16")
+    twin = float32_twin(model)
+    # Training moves weights and batch-norm statistics away from the twin's copy.
+    model.compile(optimizer=keras.optimizers.AdamW(1e-2), loss="categorical_crossentropy")
+    rng = np.random.default_rng(2)
+    images = rng.uniform(0, 255, (8, 48, 48, 1)).astype(np.float32)
+    model.fit(images, np.eye(2, dtype=np.float32)[rng.integers(0, 2, 8)], epochs=1, verbose=0)
+    stale = twin.get_weights()
+    assert any((a != b).any() for a, b in zip(model.get_weights(), stale))
+    copy_weights(model, twin)
+    for a, b in zip(model.get_weights(), twin.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="the models differ"):
+        copy_weights(model, keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]))
+    with pytest.raises(ValueError):  # as many weights, of other shapes
+        copy_weights(model, build_minivggnet(2, input_size=32, stored_size=48, width=0.5))
+
+
 def test_validation_scoring_traces_once_and_matches_the_model():
     from xrayfeat.model import build_minivggnet
     from xrayfeat.training import _FORWARD, predict_local

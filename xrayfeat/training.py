@@ -208,7 +208,7 @@ def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
                  bn_sample: np.ndarray):
     import keras
 
-    from xrayfeat.model import float32_twin
+    from xrayfeat.model import copy_weights, float32_twin
 
     class RunKeeper(keras.callbacks.Callback):
         """Validation AUC, best/last checkpoints, plateau LR, early stopping, CSV history.
@@ -233,7 +233,7 @@ def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
             if self._twin is None:
                 self._twin = float32_twin(self.model)
             else:
-                self._twin.set_weights(self.model.get_weights())
+                copy_weights(self.model, self._twin)
             if config.ema:
                 averages = self.model.optimizer._model_variables_moving_average
                 for variable, average in zip(self._twin.trainable_variables, averages):
