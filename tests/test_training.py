@@ -109,6 +109,41 @@ def test_copy_weights_gives_the_twin_every_value_of_the_trained_model():
         copy_weights(model, build_minivggnet(2, input_size=32, stored_size=48, width=0.5))
 
 
+def test_a_prebuilt_optimizer_traces_the_step_once_and_trains_the_same_bits():
+    import keras
+
+    from xrayfeat.fused_kernels import fuse_training_step
+    from xrayfeat.model import build_minivggnet
+    from xrayfeat.training import build_optimizer
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (48, 48, 48, 1)).astype(np.float32)
+    labels = np.eye(2, dtype=np.float32)[rng.integers(0, 2, 48)]
+
+    def fit(prebuilt: bool):
+        keras.utils.set_random_seed(3)
+        model = build_minivggnet(2, input_size=32, stored_size=48, width=0.25,
+                                 precision="bfloat16")
+        model.compile(optimizer=keras.optimizers.AdamW(2e-3, weight_decay=1e-4),
+                      loss="categorical_crossentropy")
+        fuse_training_step(model, xla_weight_gradients=False)
+        if prebuilt:
+            build_optimizer(model)
+            build_optimizer(model)  # a second call (a resumed run's) changes nothing
+        traces = []
+        train_step = model.train_step
+        model.train_step = lambda data: (traces.append(1), train_step(data))[1]
+        model.fit(images, labels, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        return len(traces), model.get_weights() + [v.numpy() for v in model.optimizer.variables]
+
+    traces, prebuilt = fit(True)
+    assert traces == 1
+    _, built_in_step = fit(False)
+    assert len(prebuilt) == len(built_in_step) == 3 * 22 + 2 + 10  # moments, counters, BN stats
+    for a, b in zip(prebuilt, built_in_step):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_validation_scoring_traces_once_and_matches_the_model():
     from xrayfeat.model import build_minivggnet
     from xrayfeat.training import _FORWARD, predict_local

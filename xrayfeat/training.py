@@ -434,6 +434,7 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
             from xrayfeat.fused_kernels import fuse_training_step
 
             fuse_training_step(model, xla_weight_gradients=config.xla_weight_gradients)
+        build_optimizer(model)
     train_ds, steps = make_train_dataset(info, config, state["epoch"], weights, n_classes)
     if reporter:
         reporter.on_train_start(config.epochs, state["epoch"], steps)
@@ -453,6 +454,19 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
                       steps_per_epoch=steps, callbacks=callbacks, verbose=0, shuffle=False)
 
     return _finish(out, info, val, state, config, started, keeper.best_probs)
+
+
+def build_optimizer(model) -> None:
+    """Create the compiled ``model``'s optimizer variables now, as its first update would,
+    with the same names and values. Left to that update, they are created inside the first
+    trace of the training step, and TensorFlow traces a function that creates variables
+    twice: ~1 s more before the first epoch (measured; BENCHMARKS.md, "Batch 256").
+    A no-op for an optimizer already built (a resumed run's)."""
+    import keras
+
+    optimizer = model.optimizer
+    with keras.name_scope(optimizer.name, caller=optimizer):
+        optimizer.build(model.trainable_variables)
 
 
 def _bn_sample(info: DatasetInfo, config: TrainConfig) -> np.ndarray:
