@@ -4,9 +4,11 @@ in a real headless Chromium: no console errors, every image resolves."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
@@ -46,9 +48,14 @@ class _Sources(HTMLParser):
 
 
 def _chromium(page: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu",
-                           "--enable-logging=stderr", "--v=0", *args, page.as_uri()],
-                          capture_output=True, text=True, timeout=120)
+    # Chromium puts a Unix socket in TMPDIR and aborts when its path passes the 108-byte
+    # limit, which a long pytest temporary folder does: it gets a short TMPDIR of its own.
+    short = "/tmp" if os.path.isdir("/tmp") else None
+    with tempfile.TemporaryDirectory(prefix="chromium-", dir=short) as tmp:
+        return subprocess.run([CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu",
+                               "--enable-logging=stderr", "--v=0", *args, page.as_uri()],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "TMPDIR": tmp})
 
 
 def check_in_browser(page: Path) -> int:
