@@ -156,6 +156,12 @@ def test_validation_scoring_traces_once_and_matches_the_model():
     np.testing.assert_array_equal(predict_local(model, images[:7], batch_size=128), probs[:7])
     # One trace for every batch length, so TensorFlow never warns about retracing.
     assert _FORWARD[model].experimental_get_tracing_count() == 1
+    # By default the fewest even batches: 300 images as 3 x 100, none of them padding.
+    even = build_minivggnet(2, input_size=32, stored_size=32, width=0.25)
+    np.testing.assert_allclose(predict_local(even, images),
+                               even(images, training=False).numpy(), atol=1e-5)
+    predict_local(even, images[:100], batch_size=100)  # the shape already traced
+    assert _FORWARD[even].experimental_get_tracing_count() == 1
 
 
 def test_auto_precision_is_bfloat16_on_cpus_with_native_bfloat16(tmp_path):

@@ -82,7 +82,7 @@ def class_weights(labels: np.ndarray, n_classes: int) -> dict[int, float]:
     return {i: float(len(labels) / (n_classes * counts[i])) for i in range(n_classes)}
 
 
-def predict_local(model, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
+def predict_local(model, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
     """Class probabilities computed in this process only.
 
     ``model.predict`` under a multi-worker strategy splits the images across workers, so
@@ -90,8 +90,12 @@ def predict_local(model, images: np.ndarray, batch_size: int = 128) -> np.ndarra
     deadlock). Calling the model on local batches gives every worker the same numbers.
     The last batch is zero-padded to full size, so the forward function is traced once per
     model, not once per batch shape (TensorFlow warns about retracing on the terminal).
+    ``batch_size`` defaults to :func:`even_batch_size`: the fewest batches of at most 128,
+    all of one size, so next to no padding is scored.
     """
     import tensorflow as tf
+
+    batch_size = batch_size or even_batch_size(len(images))
 
     forward = _FORWARD.get(model)
     if forward is None:
@@ -117,7 +121,8 @@ def even_batch_size(n: int, most: int = 128) -> int:
     """The batch size that scores ``n`` images in the fewest batches of at most ``most``,
     all of one size: 521 validation images go in 5 batches of 105 (4 padded images), not 5
     of 128 (119 padded, 18 % of the work). :func:`predict_local` traces once per batch size,
-    so a run scores its validation split with one trace at every epoch."""
+    so a run scores its validation split with one trace at every epoch, and an audit its
+    images with one trace for every perturbation."""
     return max(1, math.ceil(n / max(1, math.ceil(n / most))))
 
 
@@ -224,7 +229,6 @@ def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
         #: The best epoch's validation probabilities: what ``model.keras`` scores, so the
         #: run's threshold and metrics need not load and score it again.
         best_probs: np.ndarray | None = None
-        _batch = even_batch_size(len(val_images))
 
         def scoring_model(self):
             """The model validation scores and ``model.keras`` saves: float32, without the
@@ -258,7 +262,7 @@ def _make_keeper(out: Path, val_images: np.ndarray, val_labels: np.ndarray,
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
             scorer = self.scoring_model()
-            probs = predict_local(scorer, val_images, batch_size=self._batch)
+            probs = predict_local(scorer, val_images)
             auc = val_auc(val_labels, probs)
             eps = 1e-7
             val_loss = float(-np.mean(np.log(np.clip(
@@ -530,8 +534,7 @@ def _finish(out: Path, info: DatasetInfo, val, state: dict, config: TrainConfig,
     probs = best_probs
     if probs is None:
         images = val.images[..., None]
-        probs = predict_local(load_model_safely(out / MODEL_FILE), images,
-                              batch_size=even_batch_size(len(images)))
+        probs = predict_local(load_model_safely(out / MODEL_FILE), images)
     validation: dict[str, Any] = {"threshold": None, "threshold_method": None}
     if probs.shape[1] == 2:
         point = choose_threshold(val.labels, probs[:, 1], config.threshold_method,
