@@ -464,7 +464,7 @@ def build_optimizer(model) -> None:
     """Create the compiled ``model``'s optimizer variables now, as its first update would,
     with the same names and values. Left to that update, they are created inside the first
     trace of the training step, and TensorFlow traces a function that creates variables
-    twice: ~1 s more before the first epoch (measured; BENCHMARKS.md, "Batch 256").
+    twice: 0.4-1 s more before the first epoch (BENCHMARKS.md, "the step traced once").
     A no-op for an optimizer already built (a resumed run's)."""
     import keras
 
