@@ -166,7 +166,7 @@ def build_ensemble(models: list[keras.Model], name: str = "ensemble") -> keras.M
             return layer.__class__.from_config(config)
 
         clone = keras.models.clone_model(member, input_tensors=image, clone_function=renamed)
-        clone.set_weights(member.get_weights())
+        copy_weights(member, clone)
         outputs.append(clone.output)
     averaged = keras.layers.Average(name="predictions", dtype="float32")(outputs)
     return keras.Model(image, averaged, name=name)

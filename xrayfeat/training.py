@@ -533,8 +533,7 @@ def _finish(out: Path, info: DatasetInfo, val, state: dict, config: TrainConfig,
     """
     probs = best_probs
     if probs is None:
-        images = val.images[..., None]
-        probs = predict_local(load_model_safely(out / MODEL_FILE), images)
+        probs = predict_local(load_model_safely(out / MODEL_FILE), val.images[..., None])
     validation: dict[str, Any] = {"threshold": None, "threshold_method": None}
     if probs.shape[1] == 2:
         point = choose_threshold(val.labels, probs[:, 1], config.threshold_method,
