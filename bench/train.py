@@ -154,7 +154,8 @@ PROFILE = ("Keras' own batch norm and Adam", "fused batch norm, Keras' AdamW",
            "XLA weight gradients",
            "oneDNN weight gradients", "batch 32", "batch 64", "batch 128", "batch 256",
            "oneDNN on", "oneDNN off", "no batch norm", "no dropout",
-           "SGD optimizer", "steps_per_execution 8",
+           "SGD optimizer", "steps_per_execution 8", "resize as matrix products",
+           "resize in the pipeline", "dropout from 8-bit draws",
            "forward only")
 
 
@@ -217,8 +218,20 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None,
             return pipeline.augment_with_tensorflow_ops(x, params, config)
 
         pipeline.augment_batch = augment_batch  # what the input pipeline calls
+    if variant == "resize in the pipeline":  # the model's resize op, after the augmentation
+        import xrayfeat.pipeline as pipeline
+
+        augment = pipeline.augment_batch
+
+        def augment_and_resize(x, seeds, config):
+            return tf.image.resize(augment(x, seeds, config), (config.input_size,) * 2,
+                                   antialias=True)
+
+        pipeline.augment_batch = augment_and_resize
     if variant in ("batch 32", "batch 64", "batch 128", "batch 256"):  # other step counts
         config.batch_size = int(variant.split()[1])
+    if variant == "dropout from 8-bit draws":  # four masks from each 32-bit Philox word
+        config.byte_dropout = True
     if variant in ("XLA weight gradients", "oneDNN weight gradients"):
         config.xla_weight_gradients = variant == "XLA weight gradients"
     if variant == "no acquisition augmentation":  # what blur, gamma and frame cost
@@ -236,6 +249,11 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None,
         model = without(model, (keras.layers.BatchNormalization,))
     if variant == "no dropout":
         model = without(model, (keras.layers.Dropout,))
+    if variant == "resize as matrix products":  # the export's resize, in the step
+        from xrayfeat.export import matrix_resized
+        model = matrix_resized(model)
+    if variant == "resize in the pipeline":  # the step trains the layers after the resize
+        model = keras.Model(model.get_layer("resize").output, model.output)
     optimizer = (keras.optimizers.SGD(config.lr) if variant == "SGD optimizer" else
                  keras.optimizers.AdamW(config.lr, weight_decay=config.weight_decay))
     model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(),
@@ -244,7 +262,8 @@ def run_variant(variant: str, data: Path, epochs: int, input_size: int | None,
         fuse_batch_norm(model)
     elif variant not in ("plain fit", "Keras' own batch norm and Adam"):
         # as ``xrayfeat train`` does with fused_kernels = true
-        fuse_training_step(model, xla_weight_gradients=config.xla_weight_gradients)
+        fuse_training_step(model, xla_weight_gradients=config.xla_weight_gradients,
+                           byte_dropout=config.byte_dropout)
     if variant == "forward only":  # inference over the same images, batch 32
         x = images[..., None].astype(np.float32)
         seconds = []

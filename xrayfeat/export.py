@@ -56,8 +56,14 @@ def resize_matrix(source: int, target: int) -> np.ndarray:
 
 
 def deployable(model):
-    """``model`` with every antialiased Resizing layer replaced by its matrix form; the
-    other layers are the same objects (same weights)."""
+    """``model`` with every antialiased Resizing layer replaced by its matrix form, always
+    in inference mode; the other layers are the same objects (same weights)."""
+    return _in_inference_mode(matrix_resized(model))
+
+
+def matrix_resized(model):
+    """``model`` with every antialiased Resizing layer replaced by its matrix form
+    (:func:`resize_matrix`); the other layers are the same objects (same weights)."""
     import keras
 
     class MatrixResize(keras.layers.Layer):
@@ -90,7 +96,7 @@ def deployable(model):
         return layer
 
     # clone_model rebuilds the graph; returning a layer itself reuses it, weights and all.
-    return _in_inference_mode(keras.models.clone_model(model, clone_function=rewrite))
+    return keras.models.clone_model(model, clone_function=rewrite)
 
 
 def preprocessing_spec(run) -> dict[str, Any]:

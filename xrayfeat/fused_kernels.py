@@ -34,16 +34,19 @@ import tensorflow as tf
 from xrayfeat.model import cpu_flags
 
 
-def fuse_training_step(model: keras.Model, *, xla_weight_gradients: bool = True) -> None:
-    """Train ``model`` (compiled) with the fused batch norm and Adam, and with XLA's
+def fuse_training_step(model: keras.Model, *, xla_weight_gradients: bool = True,
+                       byte_dropout: bool = False) -> None:
+    """Train ``model`` (compiled) with the fused batch norm and Adam, with XLA's
     convolution weight gradients where they pay (:func:`fuse_convolution_gradients`) unless
-    ``xla_weight_gradients`` is false: what ``xrayfeat train`` does with its defaults
-    (``fused_kernels`` and ``xla_weight_gradients`` set), and what ``bench/train.py``
-    times."""
+    ``xla_weight_gradients`` is false, and with dropout masks drawn a byte at a time
+    (:func:`fuse_dropout`) if ``byte_dropout``: what ``xrayfeat train`` does with the
+    settings of the same names, and what ``bench/train.py`` times."""
     fuse_batch_norm(model)
     fuse_adam(model.optimizer)
     if xla_weight_gradients:
         fuse_convolution_gradients(model)
+    if byte_dropout:
+        fuse_dropout(model)
 
 
 def fuse_batch_norm(model: keras.Model) -> int:
@@ -90,6 +93,52 @@ def _fused_call(keras_call):
         self.moving_variance.assign(self.moving_variance * momentum
                                     + variance * (1.0 - momentum))
         return tf.cast(y, self.compute_dtype)
+
+    return call
+
+
+def fuse_dropout(model: keras.Model) -> int:
+    """Make each ``Dropout`` of ``model`` whose rate is a whole number of 256ths draw its
+    training mask from single bytes of Philox's 32-bit words; returns how many changed.
+
+    Keras' dropout (``tf.nn.experimental.stateless_dropout``) spends one 32-bit Philox word
+    on each unit, a uniform number in the layer's dtype compared with the rate: 6.3 M words
+    a step of the default model at batch 128, the step's largest element-wise op (xprof:
+    ``StatelessRandomUniformV2`` ~20 ms of a ~360 ms step on a Zen 4). Here each word
+    gives four units a byte each, and a unit is kept when its byte is at least
+    ``rate * 256``: kept with probability exactly ``1 - rate`` (0.25 and 0.5 are whole
+    256ths) and scaled by ``1 / (1 - rate)`` as Keras scales it. The masks come from the
+    layer's own seed generator, which ``train`` seeds per epoch, so a resumed run draws the
+    same ones; but they are other masks than Keras' for the same seed, so a run's
+    arithmetic changes (the setting ``byte_dropout``; BENCHMARKS.md has its seed rule).
+    Inference is untouched, a ``noise_shape`` or another rate keeps Keras' dropout, and
+    the saved model is Keras' own ``Dropout``.
+    """
+    if tf.distribute.has_strategy():  # keep Keras' per-replica seeding as it is
+        return 0
+    changed = 0
+    for layer in model.layers:
+        if (type(layer) is keras.layers.Dropout and layer.noise_shape is None
+                and 0 < layer.rate < 1 and float(layer.rate * 256).is_integer()):
+            layer.call = types.MethodType(_byte_dropout_call(layer.call), layer)
+            changed += 1
+    return changed
+
+
+def _byte_dropout_call(keras_call):
+    def call(self, inputs, training=False):
+        if not training:
+            return keras_call(inputs, training=training)
+        # The generator's state is int64; stateless ops take an int32 seed (as Keras casts).
+        seed = tf.cast(tf.math.floormod(self.seed_generator.next(), tf.int32.max - 1),
+                       tf.int32)
+        n = tf.size(inputs)
+        words = tf.random.stateless_uniform([(n + 3) // 4], seed, minval=None, maxval=None,
+                                            dtype=tf.uint32)
+        draws = tf.reshape(tf.bitcast(words, tf.uint8), [-1])[:n]
+        keep = tf.reshape(draws >= int(self.rate * 256), tf.shape(inputs))
+        scale = tf.cast(1.0 / (1.0 - self.rate), inputs.dtype)
+        return tf.where(keep, inputs * scale, tf.zeros_like(inputs))
 
     return call
 

@@ -437,7 +437,8 @@ def _train_in(data: Path, out: Path, config: TrainConfig, *, resume: bool,
         if config.fused_kernels:  # under --strategy mirrored/multi-worker: Keras' own ops
             from xrayfeat.fused_kernels import fuse_training_step
 
-            fuse_training_step(model, xla_weight_gradients=config.xla_weight_gradients)
+            fuse_training_step(model, xla_weight_gradients=config.xla_weight_gradients,
+                               byte_dropout=config.byte_dropout)
         build_optimizer(model)
     train_ds, steps = make_train_dataset(info, config, state["epoch"], weights, n_classes)
     if reporter:
@@ -494,6 +495,7 @@ def _resumed_config(out: Path, given: TrainConfig) -> TrainConfig:
     settings.setdefault("precision", "float32")  # runs from before the setting
     settings.setdefault("fused_kernels", False)  # a resumed run keeps its arithmetic
     settings.setdefault("xla_weight_gradients", False)
+    settings.setdefault("byte_dropout", False)
     for key in ("blur", "gamma", "frame"):  # and its augmentation
         settings.setdefault(key, 0.0)
     config = checked_settings(settings, str(out / CONFIG_FILE))
