@@ -1,6 +1,6 @@
 """TensorFlow's fused batch norm and Adam, and XLA's convolution weight gradients, compute
-what Keras' own layers compute, and a model trained with them saves as Keras' own layers
-(xrayfeat.fused_kernels)."""
+what Keras' own layers compute, dropout from bytes keeps what Keras' keeps, and a model
+trained with them saves as Keras' own layers (xrayfeat.fused_kernels)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from xrayfeat.fused_kernels import fuse_adam, fuse_batch_norm, fuse_convolution_gradients
+from xrayfeat.fused_kernels import (fuse_adam, fuse_batch_norm, fuse_convolution_gradients,
+                                    fuse_dropout)
 from xrayfeat.model import BN_MOMENTUM, build_minivggnet
 
 
@@ -236,6 +237,50 @@ def test_xla_weight_gradients_only_on_the_cpus_they_were_measured_faster_on(tmp_
     assert fuse_convolution_gradients(model()) == 3
 
 
+def _dropout_model(rate: float, dtype: str, **dropout_args) -> keras.Model:
+    inputs = keras.Input((32, 32, 16), dtype="float32" if dtype == "float32" else "bfloat16")
+    policy = "float32" if dtype == "float32" else "mixed_bfloat16"
+    outputs = keras.layers.Dropout(rate, dtype=policy, seed=3, **dropout_args)(inputs)
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.parametrize("rate", [0.25, 0.5])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_byte_dropout_keeps_units_at_the_layer_rate_and_scales_them_as_keras(rate, dtype):
+    model = _dropout_model(rate, dtype)
+    assert fuse_dropout(model) == 1
+    layer = model.layers[1]
+    x = tf.cast(tf.random.stateless_uniform((64, 32, 32, 16), [1, 2], 1.0, 2.0), dtype)
+    y = model(x, training=True)
+    assert y.dtype == x.dtype
+    y, x = np.asarray(tf.cast(y, tf.float32)), np.asarray(tf.cast(x, tf.float32))
+    kept = y != 0
+    # 1,048,576 units: the kept share's SD is under 0.0005 at either rate
+    assert abs(kept.mean() - (1 - rate)) < 0.003
+    expected = np.asarray(tf.cast(tf.cast(x, dtype) * tf.cast(1 / (1 - rate), dtype),
+                                  tf.float32))
+    np.testing.assert_array_equal(y[kept], expected[kept])
+    # every position of a 4-byte word, and every image, gets its own draws
+    for share in (kept.reshape(-1, 4).mean(axis=0), kept.reshape(64, -1).mean(axis=1)):
+        assert np.all(np.abs(share - (1 - rate)) < 0.02)
+    # the masks follow the layer's seed generator (train seeds it per epoch, for --resume)
+    layer.seed_generator.state.assign(np.array([7, 1]))
+    first = np.asarray(model(x, training=True))
+    layer.seed_generator.state.assign(np.array([7, 1]))
+    np.testing.assert_array_equal(np.asarray(model(x, training=True)), first)
+    assert not np.array_equal(np.asarray(model(x, training=True)), first)
+    # inference is Keras' own: the inputs unchanged
+    np.testing.assert_array_equal(np.asarray(tf.cast(model(x, training=False), tf.float32)), x)
+
+
+def test_only_plain_dropout_at_whole_256ths_draws_bytes():
+    assert fuse_dropout(_dropout_model(0.3, "float32")) == 0  # 76.8 / 256: Keras' own
+    assert fuse_dropout(_dropout_model(0.25, "float32", noise_shape=(None, 1, 1, 16))) == 0
+    assert fuse_dropout(build_minivggnet(2, input_size=32, stored_size=32)) == 3
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+        assert fuse_dropout(_dropout_model(0.25, "float32")) == 0
+
+
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_a_model_trained_fused_saves_as_keras_own_layers(tmp_path, precision):
     keras.utils.set_random_seed(0)
@@ -245,6 +290,7 @@ def test_a_model_trained_fused_saves_as_keras_own_layers(tmp_path, precision):
     fuse_adam(model.optimizer)
     xla_layers = fuse_convolution_gradients(model, measured_cpus_only=False)
     assert xla_layers == (3 if precision == "float32" else 0)
+    assert fuse_dropout(model) == 3
     x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 1)).astype("float32")
     model.train_on_batch(x, keras.utils.to_categorical(np.arange(8) % 2, 2))
     model.save(tmp_path / "model.keras")
@@ -259,6 +305,10 @@ def test_a_model_trained_fused_saves_as_keras_own_layers(tmp_path, precision):
     assert len(convolutions) == 4
     assert all(type(layer) is keras.layers.Conv2D and "convolution_op" not in vars(layer)
                for layer in convolutions)
+    dropouts = [layer for layer in loaded.layers if "dropout" in layer.name]
+    assert len(dropouts) == 3
+    assert all(type(layer) is keras.layers.Dropout and "call" not in vars(layer)
+               for layer in dropouts)
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
@@ -268,12 +318,13 @@ def test_train_with_fused_kernels_writes_an_ordinary_run(examples_h5, tmp_path):
     from xrayfeat.training import train
 
     config = TrainConfig(input_size=32, epochs=2, batch_size=4, width=0.25, fused_kernels=True,
-                         xla_weight_gradients=True, precision="float32")
+                         xla_weight_gradients=True, byte_dropout=True, precision="float32")
     result = train(examples_h5, tmp_path / "run", config)
     assert result.epochs_run == 2 and all(np.isfinite(row["loss"]) for row in result.history)
     run = load_run(tmp_path / "run")
     assert run.config.train["fused_kernels"] is True
     assert run.config.train["xla_weight_gradients"] is True
+    assert run.config.train["byte_dropout"] is True
     model = run.load_model()  # safe_mode: Keras' own classes only
     assert all(type(layer) is keras.layers.BatchNormalization
                for layer in model.layers if "bn" in layer.name)

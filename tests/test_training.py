@@ -258,11 +258,13 @@ def test_a_run_from_before_a_setting_resumes_as_it_was_trained(examples_h5, tmp_
     train(examples_h5, run, _tiny_config(epochs=1))
     config = json.loads((run / "config.json").read_text())
     assert _resumed_config(run, TrainConfig()).fused_kernels is TrainConfig().fused_kernels
-    for key in ("fused_kernels", "xla_weight_gradients", "blur", "gamma", "frame"):
+    for key in ("fused_kernels", "xla_weight_gradients", "byte_dropout", "blur", "gamma",
+                "frame"):
         del config["train"][key]
     (run / "config.json").write_text(json.dumps(config))
     resumed = _resumed_config(run, TrainConfig())
     assert resumed.fused_kernels is False and resumed.xla_weight_gradients is False
+    assert resumed.byte_dropout is False
     assert (resumed.blur, resumed.gamma, resumed.frame) == (0.0, 0.0, 0.0)
     # and not because the defaults are off
     assert TrainConfig().fused_kernels is True and TrainConfig().blur > 0
