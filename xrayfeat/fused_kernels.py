@@ -16,10 +16,12 @@ in plain Keras, with ``safe_mode``, exactly as before, and a resumed run with th
 fused again by ``train``.
 Inference (``training`` false) is untouched. With ``xla_weight_gradients`` the float32
 convolutions also take their weight gradients from XLA's kernel on the CPUs where that was
-measured faster (:func:`fuse_convolution_gradients`), again on the instances only.
+measured faster (:func:`fuse_convolution_gradients`), again on the instances only; with
+``byte_dropout`` dropout draws its masks a byte at a time (:func:`fuse_dropout`).
 
 What is not swapped keeps Keras' ops: synchronized (multi-replica) batch norm, masked or
-non-4-D inputs (the dense layer's batch norm), AMSGrad, and training under a
+non-4-D inputs (the dense layer's batch norm), AMSGrad, dropout with a ``noise_shape`` or a
+rate that is not a whole number of 256ths, and training under a
 ``tf.distribute`` strategy (``--strategy mirrored`` or ``multi-worker``).
 """
 
