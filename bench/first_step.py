@@ -49,7 +49,8 @@ def one_fit(prebuilt: bool) -> dict:
     model.compile(optimizer=keras.optimizers.AdamW(config.lr,
                                                    weight_decay=config.weight_decay),
                   loss=keras.losses.CategoricalCrossentropy())
-    fuse_training_step(model, xla_weight_gradients=config.xla_weight_gradients)
+    fuse_training_step(model, xla_weight_gradients=config.xla_weight_gradients,
+                       byte_dropout=config.byte_dropout)
     if prebuilt:
         build_optimizer(model)
     traces = []

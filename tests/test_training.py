@@ -268,7 +268,7 @@ def test_a_run_from_before_a_setting_resumes_as_it_was_trained(examples_h5, tmp_
     assert (resumed.blur, resumed.gamma, resumed.frame) == (0.0, 0.0, 0.0)
     # and not because the defaults are off
     assert TrainConfig().fused_kernels is True and TrainConfig().blur > 0
-    assert TrainConfig().xla_weight_gradients is True
+    assert TrainConfig().xla_weight_gradients is True and TrainConfig().byte_dropout is True
 
 
 @pytest.mark.parametrize("damage", ["no_history", "no_train"])

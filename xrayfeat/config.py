@@ -93,9 +93,10 @@ class TrainConfig:
     # weight gradients from XLA's kernel on CPUs with AVX2 and no AVX-512, where it was
     # measured faster than oneDNN's (the same sum in another order;
     # xrayfeat.fused_kernels.fuse_convolution_gradients)
-    byte_dropout: bool = False  # with fused_kernels, dropout masks from one byte of random
+    byte_dropout: bool = True  # with fused_kernels, dropout masks from one byte of random
     # bits per unit instead of a 32-bit uniform: the same keep rate, other masks
-    # (xrayfeat.fused_kernels.fuse_dropout); off until its seed rule is decided (BENCHMARKS.md)
+    # (xrayfeat.fused_kernels.fuse_dropout); the default since three seeds held its rule
+    # (BENCHMARKS.md, "Dropout masks a byte at a time")
 
     # Input pipeline
     memory_budget_mb: int = 4096  # datasets smaller than this are held in RAM, else streamed

@@ -37,12 +37,12 @@ from xrayfeat.model import cpu_flags
 
 
 def fuse_training_step(model: keras.Model, *, xla_weight_gradients: bool = True,
-                       byte_dropout: bool = False) -> None:
+                       byte_dropout: bool = True) -> None:
     """Train ``model`` (compiled) with the fused batch norm and Adam, with XLA's
     convolution weight gradients where they pay (:func:`fuse_convolution_gradients`) unless
     ``xla_weight_gradients`` is false, and with dropout masks drawn a byte at a time
-    (:func:`fuse_dropout`) if ``byte_dropout``: what ``xrayfeat train`` does with the
-    settings of the same names, and what ``bench/train.py`` times."""
+    (:func:`fuse_dropout`) unless ``byte_dropout`` is false: what ``xrayfeat train`` does
+    with the settings of the same names, and what ``bench/train.py`` times."""
     fuse_batch_norm(model)
     fuse_adam(model.optimizer)
     if xla_weight_gradients:
