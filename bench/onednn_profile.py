@@ -23,6 +23,8 @@ from pathlib import Path
 
 from train import make_subset  # bench/train.py: the same subset of the train split
 
+from xrayfeat.config import TrainConfig
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -45,7 +47,8 @@ def main() -> None:
     rows = [line.split(",") for line in done.stdout.splitlines()
             if line.startswith("onednn_verbose") and ",exec," in line]
     timed = rows[len(rows) // 2:]  # the warm-up epoch ran the same primitives first
-    steps = -(-args.images // 128)
+    batch = TrainConfig().batch_size  # the default variant's batch
+    steps = -(-args.images // batch)
     total: dict[tuple, list] = collections.defaultdict(lambda: [0, 0.0])
     for row in timed:
         key = (row[5], row[7], row[6], row[-2])
@@ -54,7 +57,7 @@ def main() -> None:
     by_kind: dict[tuple, float] = collections.Counter()
     for (kind, direction, _, _), (_, ms) in total.items():
         by_kind[(kind, direction)] += ms
-    print(f"timed epoch: {epoch_seconds:.2f} s, {steps} steps of 128 "
+    print(f"timed epoch: {epoch_seconds:.2f} s, {steps} steps of {batch} "
           f"({1e3 * epoch_seconds / steps:.0f} ms a step with verbose timing on)")
     print("\noneDNN ms a step, by primitive and direction:")
     for (kind, direction), ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):

@@ -41,7 +41,7 @@ TRAIN_ARGS = {"input_size": 32, "epochs": 8, "batch_size": 4, "width": 0.25}
 #: Early stopping off, so the run trains all its epochs whatever its dropout masks draw (the
 #: examples' small validation split can reach AUC 1.0 in the first epoch); a config file's
 #: setting, as the command line has no flag for it.
-NO_EARLY_STOP = "[train]\nearly_stopping_patience = 100\n"
+NO_EARLY_STOP = {"early_stopping_patience": 100}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -204,7 +204,7 @@ def test_a_killed_worker_costs_only_its_own_chunk(tmp_path, big_folder, big_fold
 def reference_history(examples_h5, tmp_path_factory) -> list[dict]:
     """An uninterrupted run with the settings the interrupted ones use."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    return train(examples_h5, out, TrainConfig(**TRAIN_ARGS, early_stopping_patience=100)).history
+    return train(examples_h5, out, TrainConfig(**TRAIN_ARGS, **NO_EARLY_STOP)).history
 
 
 def _history_csv(run: Path) -> list[dict]:
@@ -231,7 +231,7 @@ def test_interrupted_train_resumes_to_the_same_history(examples_h5, tmp_path,
     run = tmp_path / "run"
     logs = tmp_path / "logs"
     settings = tmp_path / "settings.toml"
-    settings.write_text(NO_EARLY_STOP)
+    settings.write_text("[train]\n" + "".join(f"{k} = {v}\n" for k, v in NO_EARLY_STOP.items()))
     proc = start(["train", str(examples_h5), "--out", str(run), "--config", str(settings),
                   *(f"--{k.replace('_', '-')}={v}" for k, v in TRAIN_ARGS.items())], logs)
     # A random (seeded) point after the first epoch has been saved: epochs take a fraction

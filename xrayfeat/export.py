@@ -183,5 +183,5 @@ def _in_inference_mode(model):
     return Inference(model, name=model.name)
 
 
-__all__ = ["EXPORT_TARGETS", "ExportResult", "deployable", "export_run", "preprocessing_spec",
-           "resize_matrix"]
+__all__ = ["EXPORT_TARGETS", "ExportResult", "deployable", "export_run", "matrix_resized",
+           "preprocessing_spec", "resize_matrix"]
